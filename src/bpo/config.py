@@ -1,0 +1,331 @@
+"""Typed run configurations: YAML in, `key=value` overrides, resolved YAML out.
+
+Every hyperparameter is a dataclass field with a one-line docstring. OmegaConf merges the schema,
+the YAML file and the command-line overrides, rejecting unknown keys and mistyped values.
+Derived quantities (K, M, N_total) are properties, never settable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+from bpo.losses import canonical_loss_name
+
+Method = Literal["offline_dpo", "online_dpo", "on_policy_dpo", "bpo", "on_policy_bpo"]
+ReferenceRule = Literal["behavior", "sft", "gold", "ema"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    """Hub id or local folder of a causal LM, loaded with `from_pretrained`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the delta is (alpha / r)·B·A."""
+    target_modules: str = "all-linear"
+    """peft's `target_modules`: "all-linear" or comma-separated module names."""
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["digest"] = "digest"
+    """Built-in task providing prompts, demonstrations, references and the gold reward."""
+    seed: int = 0
+    """Seed of the task's data generator (independent of the run's seed)."""
+    n_sft: int = 4000
+    """Number of SFT demonstrations."""
+    n_align: int = 2000
+    """Number of alignment prompts (sampled during annotation phases)."""
+    n_eval: int = 256
+    """Number of held-out evaluation prompts with references."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature for collection (DESIGN: 1)."""
+    top_k: int = 0
+    """Top-k filter; 0 turns it off (DESIGN: off)."""
+    top_p: float = 1.0
+    """Nucleus filter; 1.0 turns it off (DESIGN: off)."""
+    max_new_tokens: int = 16
+    """Most tokens generated per response."""
+    batch_size: int = 64
+    """Most sequences per `generate` call."""
+
+
+@dataclass
+class AnnotatorConfig:
+    function: str | None = None
+    """Reward function `module:function` with signature (prompt, response) -> float; None: the
+    task's gold reward."""
+    ties: Literal["drop", "random"] = "drop"
+    """What to do with a pair the annotator scores equal."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Evaluate every this many optimizer steps (and at the start and the end); 0: only at the
+    start and the end."""
+    n_prompts: int | None = None
+    """Evaluate on the first n held-out prompts; None: all of them."""
+    scorer: str | None = None
+    """Reward function `module:function` that judges the win rate; None: the annotator's (the
+    paper's protocol: the simulator that annotates also evaluates)."""
+    kl: bool = True
+    """Estimate KL(π_θ‖π_sft) from one sample per prompt."""
+
+
+@dataclass
+class TrainConfig:
+    """Online preference optimization (Algorithm 1 of arXiv 2406.12168)."""
+
+    output_dir: str = "runs/train"
+    """Run directory (config.yaml, metrics.jsonl, summary.json, pool, checkpoints)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: Literal["lora", "full"] = "lora"
+    """Train a LoRA adapter or all weights."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    method: Method | None = None
+    """Sugar over F and reference (DESIGN.md); None: give F and reference directly."""
+    loss: str = "dpo"
+    """DAP loss: dpo, ipo or slic (TRL's sigmoid and hinge accepted)."""
+    beta: float = 0.1
+    """β of the loss: strength of the KL trust region."""
+    ipo_average_logps: bool = True
+    """IPO on length-averaged log-probs (as the paper's code and TRL); False: summed."""
+    reference: ReferenceRule | None = None
+    """π_ref: behavior (BPO), sft, gold (a checkpoint at reference_path) or ema."""
+    reference_path: str | None = None
+    """Checkpoint of the gold reference."""
+    ema_tau: float = 0.0
+    """τ of the EMA reference, θ' ← τθ + (1−τ)θ' after each step (paper Eq. 6)."""
+    T: int = 40
+    """Optimizer steps."""
+    F: int | None = None
+    """Annotation phases, 1 ≤ F ≤ T, dividing T."""
+    B: int = 16
+    """Preference pairs per optimizer step."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps, then constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logprob_batch_size: int = 64
+    """Most sequences per teacher-forced forward outside the update."""
+    seed: int = 0
+    """Seed of sampling, LoRA initialisation and data order."""
+    device: str = "auto"
+    """auto (accelerate picks), cpu or cuda."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """Mixed precision (accelerate)."""
+
+    @property
+    def K(self) -> int:
+        """Optimizer steps between annotation phases."""
+        return self.T // self.F
+
+    @property
+    def M(self) -> int:
+        """Pairs annotated per phase, M = K·B."""
+        return self.K * self.B
+
+    @property
+    def N_total(self) -> int:
+        """Annotation budget in pairs, N_total = T·B; each pair is used once."""
+        return self.T * self.B
+
+    def __post_init__(self) -> None:
+        try:
+            self.loss = canonical_loss_name(self.loss)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _resolve_method(self)
+        _validate_train(self)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations (the paper's SFT on preferred responses)."""
+
+    output_dir: str = "runs/sft"
+    """Run directory; the fine-tuned model is saved, merged, under `model/`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: Literal["lora", "full"] = "full"
+    """Train a LoRA adapter (merged at the end) or all weights."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    epochs: int = 3
+    """Passes over the demonstrations."""
+    batch_size: int = 32
+    """Demonstrations per optimizer step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps, then cosine decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    device: str = "auto"
+    """auto (accelerate picks), cpu or cuda."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """Mixed precision (accelerate)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=1e-3")
+
+
+_METHOD_F = {"offline_dpo": "1", "on_policy_dpo": "T", "on_policy_bpo": "T"}
+
+
+def _resolve_method(cfg: TrainConfig) -> None:
+    """Expand `method` into F and reference (DESIGN.md's table), or name the method from them."""
+    _positive(cfg, "T", "B")
+    if cfg.method is None:
+        if cfg.F is None or cfg.reference is None:
+            raise ConfigError(
+                f"method: not set, and F={cfg.F} reference={cfg.reference}; set method to one of "
+                "offline_dpo, online_dpo, on_policy_dpo, bpo, on_policy_bpo, or set both F and "
+                "reference"
+            )
+        cfg.method = _method_name(cfg.F, cfg.T, cfg.reference)
+        return
+    pinned_F = {"1": 1, "T": cfg.T}.get(_METHOD_F.get(cfg.method, ""))
+    if pinned_F is not None:
+        if cfg.F is not None and cfg.F != pinned_F:
+            raise ConfigError(
+                f"F: method {cfg.method} has F = {_METHOD_F[cfg.method]} = {pinned_F}, "
+                f"got F={cfg.F}; drop F or choose another method"
+            )
+        cfg.F = pinned_F
+    elif cfg.F is None:
+        raise ConfigError(f"F: method {cfg.method} needs F (annotation phases); set e.g. F=2")
+    if cfg.method == "online_dpo" and not 1 < cfg.F < cfg.T:
+        raise ConfigError(
+            f"F: online_dpo needs 1 < F < T = {cfg.T}, got F={cfg.F}; "
+            "use offline_dpo for F = 1 or on_policy_dpo for F = T"
+        )
+    is_bpo = cfg.method in ("bpo", "on_policy_bpo")
+    if cfg.reference is None:
+        cfg.reference = "behavior" if is_bpo else "sft"
+    elif is_bpo != (cfg.reference == "behavior"):
+        fix = (
+            "reference=behavior"
+            if is_bpo
+            else "reference sft, gold or ema (a behavior reference is method bpo)"
+        )
+        raise ConfigError(
+            f"reference: method {cfg.method} cannot use reference={cfg.reference}; use {fix}"
+        )
+
+
+def _method_name(F: int, T: int, reference: str) -> str:
+    if reference == "behavior":
+        return "on_policy_bpo" if F == T else "bpo"
+    return "offline_dpo" if F == 1 else "on_policy_dpo" if F == T else "online_dpo"
+
+
+def _validate_train(cfg: TrainConfig) -> None:
+    if not 1 <= cfg.F <= cfg.T or cfg.T % cfg.F:
+        raise ConfigError(
+            f"F: must divide T and lie in [1, T]; got F={cfg.F}, T={cfg.T}; "
+            f"divisors of T are {[d for d in range(1, cfg.T + 1) if cfg.T % d == 0]}"
+        )
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta: must be > 0, got {cfg.beta}; the paper uses beta=0.1")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr: must be > 0, got {cfg.lr}; the paper uses lr=5e-5")
+    if cfg.reference == "gold" and not cfg.reference_path:
+        raise ConfigError("reference_path: reference=gold needs the checkpoint's path or Hub id")
+    if cfg.reference != "gold" and cfg.reference_path:
+        raise ConfigError(
+            f"reference_path: set to {cfg.reference_path!r} but reference={cfg.reference} does "
+            "not read it; set reference=gold or remove reference_path"
+        )
+    if not 0.0 <= cfg.ema_tau <= 1.0:
+        raise ConfigError(f"ema_tau: must lie in [0, 1], got {cfg.ema_tau}")
+    if cfg.reference != "ema" and cfg.ema_tau:
+        raise ConfigError(
+            f"ema_tau: set to {cfg.ema_tau} but reference={cfg.reference} does not read it; "
+            "set reference=ema or remove ema_tau"
+        )
+    if cfg.sampling.temperature <= 0:
+        raise ConfigError(f"sampling.temperature: must be > 0, got {cfg.sampling.temperature}")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ConfigError(f"{name}: must be a positive integer, got {value}")
+
+
+C = TypeVar("C", TrainConfig, SFTConfig)
+
+
+def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Merge the schema's defaults, a YAML file and `key=value` overrides into a checked config."""
+    layers = [OmegaConf.structured(schema)]
+    where = "config"
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config: no file at {path}; give the path of a YAML config")
+            where = str(path)
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            where = "command line"
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides: {bad} are not key=value; write e.g. beta=0.1")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(
+            f"{e.full_key}: unknown field (in {where}); {_first_line(e)} Fix the name or remove it."
+        ) from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key}: required but not set; set {e.full_key}=...") from None
+    except ValidationError as e:
+        raise ConfigError(f"{e.full_key}: {_first_line(e)} (in {where})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0]
+
+
+def to_yaml(cfg: TrainConfig | SFTConfig) -> str:
+    """The fully resolved config as YAML, readable back by `load_config`."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,133 @@
+"""Pair construction for an annotation phase (Algorithm 1, lines 4–10).
+
+For each prompt x drawn from the alignment set, two responses y1, y2 ~ π_β(·|x) are sampled; pairs
+of identical responses are dropped before annotation, ties after it (or broken at random, by
+config). The kept pairs are oriented (y_w, y_l) and stored with log π_β of both responses,
+teacher-forced from the behavior model that sampled them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bpo.annotators import Annotator
+from bpo.config import SamplingConfig
+from bpo.policy import Policy
+from bpo.pool import PreferencePair
+
+
+class PromptSampler:
+    """Draws prompts without replacement from a seeded permutation, reshuffled each epoch."""
+
+    def __init__(self, prompts: Sequence[str], prompt_ids: Sequence[list[int]], seed: int) -> None:
+        if not prompts:
+            raise ValueError("prompts: the alignment prompt set is empty")
+        self.prompts = prompts
+        self.prompt_ids = prompt_ids
+        self.rng = random.Random(seed)
+        self._order: list[int] = []
+
+    def draw(self, n: int) -> list[int]:
+        """Indices of the next n prompts."""
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._order = list(range(len(self.prompts)))
+                self.rng.shuffle(self._order)
+            out.append(self._order.pop())
+        return out
+
+
+@dataclass
+class CollectionStats:
+    """What an annotation phase cost and what it dropped."""
+
+    prompts: int = 0
+    annotator_calls: int = 0
+    dropped_identical: int = 0
+    dropped_ties: int = 0
+    kept: int = 0
+
+    def add(self, other: CollectionStats) -> None:
+        self.prompts += other.prompts
+        self.annotator_calls += other.annotator_calls
+        self.dropped_identical += other.dropped_identical
+        self.dropped_ties += other.dropped_ties
+        self.kept += other.kept
+
+
+def collect_pairs(
+    policy: Policy,
+    sampler: PromptSampler,
+    annotator: Annotator,
+    n_pairs: int,
+    sampling: SamplingConfig,
+    ties: str,
+    rng: random.Random,
+    phase: int,
+    logprob_batch_size: int,
+    max_rounds: int = 20,
+) -> tuple[list[PreferencePair], CollectionStats]:
+    """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ."""
+    pairs: list[PreferencePair] = []
+    stats = CollectionStats()
+    for _ in range(max_rounds):
+        need = n_pairs - len(pairs)
+        if need == 0:
+            break
+        idx = sampler.draw(need)
+        prompt_ids = [sampler.prompt_ids[i] for i in idx]
+        samples = policy.generate([p for p in prompt_ids for _ in range(2)], sampling)
+        first, second = samples[0::2], samples[1::2]
+        stats.prompts += need
+        distinct = [j for j in range(need) if first[j] != second[j]]  # identical: dropped
+        stats.dropped_identical += need - len(distinct)
+        if not distinct:
+            continue
+        prompts = [sampler.prompts[idx[j]] for j in distinct]
+        text_a = policy.decode([first[j] for j in distinct])
+        text_b = policy.decode([second[j] for j in distinct])
+        margins = annotator.compare(prompts, text_a, text_b)
+        stats.annotator_calls += len(distinct)
+        kept = []  # (prompt index j, y_w ids, y_l ids, y_w text, y_l text, |margin|)
+        for k, margin in enumerate(margins):
+            if margin == 0 and ties == "drop":
+                stats.dropped_ties += 1
+                continue
+            j = distinct[k]
+            if margin > 0 or (margin == 0 and rng.random() < 0.5):
+                kept.append((j, first[j], second[j], text_a[k], text_b[k], abs(margin)))
+            else:
+                kept.append((j, second[j], first[j], text_b[k], text_a[k], abs(margin)))
+        if not kept:
+            continue
+        kept_prompts = [prompt_ids[e[0]] for e in kept]
+        behavior = policy.logps_batched(
+            kept_prompts * 2, [e[1] for e in kept] + [e[2] for e in kept], logprob_batch_size
+        ).tolist()  # log π_β(y_w|x), then log π_β(y_l|x): teacher-forced from the sampler
+        for n, (j, chosen, rejected, chosen_text, rejected_text, margin) in enumerate(kept):
+            pairs.append(
+                PreferencePair(
+                    prompt=sampler.prompts[idx[j]],
+                    chosen=chosen_text,
+                    rejected=rejected_text,
+                    prompt_ids=list(kept_prompts[n]),
+                    chosen_ids=chosen,
+                    rejected_ids=rejected,
+                    behavior_chosen_logp=behavior[n],
+                    behavior_rejected_logp=behavior[len(kept) + n],
+                    phase=phase,
+                    margin=margin,
+                )
+            )
+    if len(pairs) < n_pairs:
+        raise RuntimeError(
+            f"annotation phase {phase}: only {len(pairs)} of {n_pairs} pairs after {max_rounds} "
+            f"rounds ({stats.dropped_identical} identical, {stats.dropped_ties} ties dropped); "
+            "the policy may have collapsed to one response: raise sampling.temperature or set "
+            "annotator.ties=random"
+        )
+    stats.kept = len(pairs)
+    return pairs, stats

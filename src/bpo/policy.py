@@ -1,0 +1,261 @@
+"""The policy π_θ: a Hugging Face causal LM, trained fully or through a LoRA adapter.
+
+It samples responses with the pinned collection settings and computes teacher-forced sequence
+log-probs: the sum of the response tokens' log-probs, prompt and padding masked (DESIGN.md).
+Prompts and responses travel as token ids, tokenized once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(model: ModelConfig, device: torch.device):
+    """Load a causal LM and its tokenizer with `from_pretrained`, dropout off (DESIGN.md)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=DTYPES[model.dtype])
+    except OSError as e:
+        raise ConfigError(
+            f"model.path: could not load {model.path!r} ({e}); give a local folder written by "
+            "save_pretrained or a Hub id"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(
+            f"model.path: the tokenizer of {model.path} has no pad token; set one "
+            "(e.g. tokenizer.pad_token = tokenizer.eos_token) and save it again"
+        )
+    disable_dropout(lm)
+    return lm.to(device), tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability: preference learning runs without dropout (DESIGN.md)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.eval()
+
+
+def add_lora(lm: torch.nn.Module, lora: LoraConfig, seed: int) -> PeftModel:
+    """Wrap `lm` with a fresh peft LoRA adapter initialised from `seed` (B = 0, so Δ = 0)."""
+    targets = lora.target_modules
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(lm, peft_config)
+    disable_dropout(model)
+    return model
+
+
+class Policy:
+    """A causal LM with its tokenizer: batched sampling, teacher-forced log-probs, save."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.pad_id: int = tokenizer.pad_token_id
+        self.eos_id: int = tokenizer.eos_token_id
+
+    @classmethod
+    def load(
+        cls,
+        model: ModelConfig,
+        finetune: str,
+        lora: LoraConfig,
+        seed: int,
+        device: torch.device,
+        adapter_path: str | Path | None = None,
+    ) -> Policy:
+        """Load the base model; add a LoRA adapter (fresh, or saved at `adapter_path`) if asked."""
+        lm, tokenizer = load_causal_lm(model, device)
+        if finetune == "lora":
+            if adapter_path is None:
+                lm = add_lora(lm, lora, seed)
+            else:
+                lm = PeftModel.from_pretrained(lm, str(adapter_path), is_trainable=True)
+                disable_dropout(lm)
+        return cls(lm, tokenizer, device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, special tokens (e.g. BOS) added as the tokenizer does."""
+        return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+
+    def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        greedy: bool = False,
+    ) -> list[list[int]]:
+        """One response per prompt, as token ids ending with EOS if the model ended it.
+
+        The generation config is built here, not read from the checkpoint, so that collection
+        samples from π_θ itself: temperature 1 and no top-k / top-p unless configured.
+        """
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_k=None if greedy or sampling.top_k == 0 else sampling.top_k,
+            top_p=None if greedy else sampling.top_p,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        responses: list[list[int]] = []
+        for start in range(0, len(prompt_ids), sampling.batch_size):
+            chunk = prompt_ids[start : start + sampling.batch_size]
+            input_ids, attention_mask = left_pad(chunk, self.pad_id, self.device)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            )  # (n, P + new)
+            for row in out[:, input_ids.shape[1] :].tolist():
+                responses.append(_cut_at_eos(row, self.eos_id))
+        return responses
+
+    def logps(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Teacher-forced log π(y|x) of each (prompt, response), summed over response tokens: (N,).
+
+        Gradients flow unless the caller disables them.
+        """
+        input_ids, attention_mask, response_mask = pack(
+            prompt_ids, response_ids, self.pad_id, self.device
+        )
+        return sequence_logps(self.model, input_ids, attention_mask, response_mask)
+
+    @torch.no_grad()
+    def logps_batched(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        batch_size: int,
+    ) -> torch.Tensor:
+        """`logps` without gradients, `batch_size` sequences per forward: (N,)."""
+        parts = [
+            self.logps(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size])
+            for i in range(0, len(prompt_ids), batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def save(self, path: str | Path) -> None:
+        """Save the trainable state: the adapter for LoRA, the whole model otherwise."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def save_merged(self, path: str | Path) -> None:
+        """Save a standalone checkpoint with any adapter folded into the base weights."""
+        model = self.model
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+            self.model = model
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """A generated row up to and including its first EOS (what follows is padding)."""
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, each (N, P), for generation."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pack(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to P, responses right-padded to R, so responses start at column P.
+
+    Returns ids (N, P+R), attention mask (N, P+R) and response mask (N, R). Aligning the
+    responses lets the forward pass compute logits for the last R+1 positions only.
+    """
+    P = max(len(p) for p in prompt_ids)
+    R = max(max(len(r) for r in response_ids), 1)
+    n = len(prompt_ids)
+    ids = torch.full((n, P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) : P] = 1
+        if r:
+            ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, P : P + len(r)] = 1
+    return ids.to(device), mask.to(device), mask[:, P:].to(device)
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of log π(y_t | x, y_<t) over response tokens, from one forward pass: (N,)."""
+    R = response_mask.shape[1]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+R), left padding aware
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=R + 1,
+    ).logits[:, :-1]  # (N, R, V): the positions that predict response tokens
+    targets = input_ids[:, -R:]  # (N, R)
+    logits = logits.float()
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logps * response_mask).sum(-1)  # (N,)
+
+
+@contextmanager
+def swapped_parameters(
+    params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily point `params` at `values` (same shapes), e.g. a reference snapshot."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v.to(p.device, non_blocking=True)
+        yield
+    finally:
+        for p, s in zip(params, saved):
+            p.data = s

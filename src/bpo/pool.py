@@ -1,0 +1,106 @@
+"""The preference pool: annotated pairs on disk, popped without replacement (Algorithm 1, l. 12).
+
+Each pair is appended to `pool.jsonl` (flushed and fsync'd) before training can use it, so a
+crash loses no annotation. Pairs leave the pool in the order they entered; collection already
+draws prompts at random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from bpo.policy import pack
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One annotated pair (x, y_w, y_l) with log π_β of both responses, stored at collection."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    behavior_chosen_logp: float
+    behavior_rejected_logp: float
+    phase: int
+    margin: float
+    """The annotator's preference strength for y_w over y_l (e.g. a reward difference)."""
+
+
+@dataclass
+class PairBatch:
+    """B pairs laid out for one concatenated chosen+rejected forward pass."""
+
+    pairs: list[PreferencePair]
+    device: torch.device
+    pad_id: int
+
+    @cached_property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, attention mask (2B, P+R) and response mask (2B, R): chosen rows, then rejected."""
+        prompts = [p.prompt_ids for p in self.pairs] * 2
+        responses = [p.chosen_ids for p in self.pairs] + [p.rejected_ids for p in self.pairs]
+        return pack(prompts, responses, self.pad_id, self.device)
+
+    @cached_property
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response lengths in tokens of y_w and y_l, each (B,)."""
+        chosen = torch.tensor([len(p.chosen_ids) for p in self.pairs], dtype=torch.float)
+        rejected = torch.tensor([len(p.rejected_ids) for p in self.pairs], dtype=torch.float)
+        return chosen.to(self.device), rejected.to(self.device)
+
+    @property
+    def behavior_chosen(self) -> torch.Tensor:
+        return torch.tensor([p.behavior_chosen_logp for p in self.pairs])
+
+    @property
+    def behavior_rejected(self) -> torch.Tensor:
+        return torch.tensor([p.behavior_rejected_logp for p in self.pairs])
+
+
+class PreferencePool:
+    """Durable FIFO of annotated pairs: `add` writes to disk first, `pop` never returns a pair
+    twice."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._pending: deque[PreferencePair] = deque()
+        self.added = 0
+        self.popped = 0
+
+    def add(self, pairs: list[PreferencePair]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for pair in pairs:
+                f.write(json.dumps(asdict(pair)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._pending.extend(pairs)
+        self.added += len(pairs)
+
+    def pop(self, n: int) -> list[PreferencePair]:
+        """The next n pairs, removed from the pool (Algorithm 1, lines 12–13)."""
+        if n > len(self._pending):
+            raise RuntimeError(
+                f"preference pool: {n} pairs asked, {len(self._pending)} left; each phase must "
+                "annotate M = K·B pairs"
+            )
+        self.popped += n
+        return [self._pending.popleft() for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @staticmethod
+    def read(path: str | Path) -> list[PreferencePair]:
+        """Every pair recorded in a pool file, in order."""
+        with open(path, encoding="utf-8") as f:
+            return [PreferencePair(**json.loads(line)) for line in f if line.strip()]

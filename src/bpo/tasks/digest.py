@@ -1,0 +1,183 @@
+"""Digest: a word-level TL;DR stand-in small enough to train on a CPU.
+
+A post is a shuffled bag of words in which 2-4 *key* topic words recur with distinct counts,
+1-3 *distractor* topic words occur once, and the rest is filler. The ideal summary lists the key
+words, most frequent first, and ends with `.`. The gold reward scores a summary against that
+ideal from the prompt alone, so annotators and evaluation need no stored labels.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from bpo.tasks import Example, Task
+
+TOPIC_WORDS = tuple(
+    "rent landlord lease roommate neighbor house job boss interview school exam teacher "
+    "cat dog vet doctor car phone loan bank money wedding party friend "
+    "girlfriend boyfriend sister brother mom dad".split()
+)
+FILLER_WORDS = tuple(
+    "i the a my and was to it so but he she we they is of in on that this "
+    "with for about then just now after when really not".split()
+)
+PROMPT_END = "tl;dr:"
+SUMMARY_END = "."
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0-3, pad first
+VOCAB = SPECIAL_TOKENS + TOPIC_WORDS + FILLER_WORDS + (PROMPT_END, SUMMARY_END)
+
+_TOPICS = frozenset(TOPIC_WORDS)
+POST_LENGTH = (24, 48)  # words, drawn uniformly
+KEY_COUNTS = range(2, 7)  # each key word's count, distinct within a post
+
+
+def _topics(prompt: str) -> tuple[list[str], list[str]]:
+    """Key words (count >= 2, most frequent first) and distractors (count 1) of a prompt."""
+    counts = Counter(w for w in prompt.split() if w in _TOPICS)
+    keys = sorted((w for w, c in counts.items() if c >= 2), key=lambda w: (-counts[w], w))
+    return keys, [w for w, c in counts.items() if c == 1]
+
+
+def ideal_summary(prompt: str) -> str:
+    """The summary that scores 1.0: each key word once, most frequent first, then `.`."""
+    return " ".join([*_topics(prompt)[0], SUMMARY_END])
+
+
+def reward(prompt: str, response: str) -> float:
+    """Gold reward of a summary, computed from the prompt alone.
+
+    words = response.split(); ended = the last word is `.`; body = the words before the first `.`
+    (all words if there is none). With keys k_1..k_n the prompt's key words, most frequent first:
+      coverage = |keys in body| / n                       (1 if n = 0)
+      order    = |{i : k_i, k_i+1 in body, k_i first seen before k_i+1}| / (n - 1)
+                                                          (= coverage if n < 2)
+      extras   = body words that are not keys + repeats of keys + words between the first `.`
+                 and the final one (or the end)
+      r = clip(0.5 coverage + 0.3 order + 0.2 ended - 0.1 extras, -1, 1)
+    The ideal summary scores exactly 1.0.
+    """
+    keys = _topics(prompt)[0]
+    words = response.split()
+    ended = bool(words) and words[-1] == SUMMARY_END
+    cut = words.index(SUMMARY_END) if SUMMARY_END in words else len(words)
+    body, tail = words[:cut], words[cut + 1 : len(words) - ended]  # tail: after a mid-way `.`
+
+    first: dict[str, int] = {}
+    for i, w in enumerate(body):
+        first.setdefault(w, i)
+    present = sum(k in first for k in keys)
+    coverage = present / len(keys) if keys else 1.0
+    pairs = list(zip(keys, keys[1:]))
+    in_order = sum(a in first and b in first and first[a] < first[b] for a, b in pairs)
+    order = in_order / len(pairs) if pairs else coverage
+    extras = len(body) - present + len(tail)  # all body words but each key's first occurrence
+    r = 0.5 * coverage + 0.3 * order + 0.2 * ended - 0.1 * extras
+    return max(-1.0, min(1.0, r))
+
+
+def _prompt(rng: random.Random) -> str:
+    """A shuffled post of 24-48 words followed by `tl;dr:`."""
+    k, n_distractors = rng.randint(2, 4), rng.randint(1, 3)
+    topics = rng.sample(TOPIC_WORDS, k + n_distractors)
+    counts = rng.sample(KEY_COUNTS, k)
+    words = [w for w, c in zip(topics, counts) for _ in range(c)] + topics[k:]
+    words += rng.choices(FILLER_WORDS, k=rng.randint(*POST_LENGTH) - len(words))
+    rng.shuffle(words)
+    return " ".join([*words, PROMPT_END])
+
+
+def _extra_word(rng: random.Random, distractors: list[str]) -> str:
+    """A word a summary should not contain: a distractor or a filler word, evenly."""
+    return rng.choice(distractors if rng.random() < 0.5 else FILLER_WORDS)
+
+
+def _insert(rng: random.Random, body: list[str], word: str) -> None:
+    """Insert `word` into `body` at a uniformly drawn position."""
+    body.insert(rng.randrange(len(body) + 1), word)
+
+
+def _reference(rng: random.Random, prompt: str) -> str:
+    """A good but imperfect "human" summary: the ideal with exactly one defect."""
+    keys, distractors = _topics(prompt)
+    body = list(keys)
+    defect = rng.choice(("omit", "swap", "extra"))
+    if defect == "omit":  # drop the least frequent key
+        body.pop()
+    elif defect == "swap":  # swap one adjacent pair
+        i = rng.randrange(len(body) - 1)
+        body[i], body[i + 1] = body[i + 1], body[i]
+    else:
+        _insert(rng, body, _extra_word(rng, distractors))
+    return " ".join([*body, SUMMARY_END])
+
+
+def _demonstration(rng: random.Random, prompt: str) -> str:
+    """An SFT demonstration from a noisy summariser: usually partly right, rarely ideal."""
+    keys, distractors = _topics(prompt)
+    kept = [w for w in keys if rng.random() < 0.6] or [rng.choice(keys)]
+    body = list(kept)
+    if rng.random() < 0.5:
+        rng.shuffle(body)
+    if rng.random() < 0.5:
+        for _ in range(rng.randint(1, 2)):
+            _insert(rng, body, _extra_word(rng, distractors))
+    if rng.random() < 0.2:
+        _insert(rng, body, rng.choice(kept))
+    if rng.random() < 0.9:
+        body.append(SUMMARY_END)
+    return " ".join(body)
+
+
+def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int = 256) -> Task:
+    """The digest task, deterministic in `seed`, with no prompt shared between its three sets."""
+    if min(n_sft, n_align, n_eval) < 0:
+        raise ValueError(f"set sizes must be >= 0, got {n_sft=}, {n_align=}, {n_eval=}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def fresh_prompts(n: int) -> list[str]:
+        prompts = []
+        while len(prompts) < n:
+            prompt = _prompt(rng)
+            if prompt not in seen:
+                seen.add(prompt)
+                prompts.append(prompt)
+        return prompts
+
+    sft, align, evaluation = fresh_prompts(n_sft), fresh_prompts(n_align), fresh_prompts(n_eval)
+    return Task(
+        name="digest",
+        sft=[Example(p, _demonstration(rng, p)) for p in sft],
+        align_prompts=align,
+        eval=[Example(p, _reference(rng, p)) for p in evaluation],
+        reward="bpo.tasks.digest:reward",
+    )
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over VOCAB that prepends `<bos>` when special tokens are added.
+
+    Prompts are encoded with `add_special_tokens=True` (`<bos>` first) and responses with
+    `add_special_tokens=False`; decoding joins words with single spaces, so
+    `decode(ids, skip_special_tokens=True)` of a summary gives the summary back.
+    """
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    pad, bos, eos, unk = SPECIAL_TOKENS
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # No decoder: the tokenizers library then joins tokens with single spaces, which is exact here.
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        clean_up_tokenization_spaces=False,  # would glue `.` to the word before it
+    )
