@@ -7,7 +7,7 @@ Derived quantities (K, M, N_total) are properties, never settable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -313,8 +313,10 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
+        valid = ", ".join(f.name for f in fields(e.object_type)) if e.object_type else ""
         raise ConfigError(
-            f"{e.full_key}: unknown field (in {where}); {_first_line(e)} Fix the name or remove it."
+            f"{e.full_key}: unknown field (in {where}); valid fields here: {valid}. "
+            "Fix the name or remove it."
         ) from None
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key}: required but not set; set {e.full_key}=...") from None

@@ -7,14 +7,20 @@ log π_θ(y|x) − log π_sft(y|x).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from bpo.annotators import Annotator, RewardAnnotator
-from bpo.config import SamplingConfig
+from bpo.annotators import Annotator, FunctionAnnotator, RewardAnnotator
+from bpo.config import ModelConfig, SamplingConfig, SFTConfig, TrainConfig, load_config
 from bpo.policy import Policy
-from bpo.tasks import Example
+from bpo.rundir import RunDir
+from bpo.tasks import Example, load_task
 
 LogpFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]
 
@@ -53,4 +59,44 @@ def evaluate(
         ours = policy.logps_batched(prompt_ids, samples, logprob_batch_size)  # (N,)
         theirs = sft_logps(prompt_ids, samples)  # (N,)
         metrics["eval/kl_sft"] = (ours - theirs).mean().item()
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, float]:
+    """Evaluate the final policy of a finished `bpo sft` or `bpo train` run; write eval.json."""
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"run_dir: no config.yaml in {run.path}; give a run directory")
+    raw = OmegaConf.load(run.config)
+    schema = TrainConfig if "method" in raw else SFTConfig
+    cfg = load_config(schema, run.config)
+    device = torch.device("cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    if schema is SFTConfig:
+        model_cfg, finetune, adapter = (
+            ModelConfig(str(run.path / "model"), cfg.model.dtype),
+            "full",
+            None,
+        )
+    elif cfg.finetune == "lora":
+        model_cfg, finetune, adapter = cfg.model, "lora", run.policy
+    else:
+        model_cfg, finetune, adapter = ModelConfig(str(run.policy), cfg.model.dtype), "full", None
+    policy = Policy.load(model_cfg, finetune, cfg.lora, cfg.seed, device, adapter_path=adapter)
+    task = load_task(**asdict(cfg.task))
+    examples = task.eval[: cfg.eval.n_prompts]
+    scorer_spec = cfg.eval.scorer or getattr(cfg, "annotator", None) and cfg.annotator.function
+    scorer = FunctionAnnotator(scorer_spec or task.reward, field="eval.scorer")
+    sft_logps = None
+    if schema is TrainConfig and cfg.eval.kl:
+        sft_policy = Policy.load(cfg.model, "full", cfg.lora, cfg.seed, device)
+        sft_logps = partial(sft_policy.logps_batched, batch_size=cfg.logprob_batch_size)
+    metrics = evaluate(
+        policy,
+        examples,
+        policy.encode_prompts([e.prompt for e in examples]),
+        scorer,
+        cfg.sampling,
+        sft_logps,
+    )
+    (run.path / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

@@ -37,6 +37,12 @@ def load_causal_lm(model: ModelConfig, device: torch.device):
             "(e.g. tokenizer.pad_token = tokenizer.eos_token) and save it again"
         )
     disable_dropout(lm)
+    # the checkpoint's decoding defaults (top-k, min_p, penalties) must not reach collection
+    lm.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return lm.to(device), tokenizer
 
 
@@ -112,21 +118,8 @@ class Policy:
         sampling: SamplingConfig,
         greedy: bool = False,
     ) -> list[list[int]]:
-        """One response per prompt, as token ids ending with EOS if the model ended it.
-
-        The generation config is built here, not read from the checkpoint, so that collection
-        samples from π_θ itself: temperature 1 and no top-k / top-p unless configured.
-        """
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_k=None if greedy or sampling.top_k == 0 else sampling.top_k,
-            top_p=None if greedy else sampling.top_p,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
+        """One response per prompt, as token ids ending with EOS if the model ended it."""
+        config = generation_config(sampling, greedy, self.tokenizer)
         responses: list[list[int]] = []
         for start in range(0, len(prompt_ids), sampling.batch_size):
             chunk = prompt_ids[start : start + sampling.batch_size]
@@ -179,6 +172,30 @@ class Policy:
             self.model = model
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+
+def generation_config(sampling: SamplingConfig, greedy: bool, tokenizer) -> GenerationConfig:
+    """Decoding settings built from the config alone, so collection samples from π_θ itself:
+    temperature 1 and no top-k / top-p unless configured (DESIGN.md).
+
+    Every field that `generate` would otherwise fill from the checkpoint's generation_config or
+    from transformers' global defaults (top-k 50) is set here.
+    """
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_k=None if greedy else sampling.top_k,
+        top_p=None if greedy else sampling.top_p,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:

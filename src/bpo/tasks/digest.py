@@ -121,8 +121,6 @@ def _demonstration(rng: random.Random, prompt: str) -> str:
     kept = [w for w in keys if rng.random() < 0.6] or [rng.choice(keys)]
     body = list(kept)
     if rng.random() < 0.5:
-        rng.shuffle(body)
-    if rng.random() < 0.5:
         for _ in range(rng.randint(1, 2)):
             _insert(rng, body, _extra_word(rng, distractors))
     if rng.random() < 0.2:

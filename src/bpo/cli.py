@@ -1,0 +1,70 @@
+"""The `bpo` command: a thin layer over the Python API.
+
+    bpo demo [--out DIR] [--quick]
+    bpo sft CONFIG.yaml [key=value ...]
+    bpo train CONFIG.yaml [key=value ...]
+    bpo eval RUN_DIR
+
+Overrides use OmegaConf's dotted `key=value` form (e.g. `lora.r=16 method=on_policy_bpo`);
+the CONFIG file is optional when the overrides give every required field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bpo.config import ConfigError, SFTConfig, TrainConfig, load_config
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """The optional config path (the one argument without `=`) and the overrides."""
+    paths = [a for a in args if "=" not in a]
+    if len(paths) > 1:
+        raise ConfigError(f"command line: more than one config file given: {paths}")
+    return (paths[0] if paths else None), [a for a in args if "=" in a]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="SFT, offline DPO, on-policy DPO and BPO on `digest`")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    for name, help_text in (
+        ("sft", "supervised fine-tuning on demonstrations"),
+        ("train", "online preference optimization (Algorithm 1)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    ev = sub.add_parser("eval", help="evaluate a finished run's policy")
+    ev.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from bpo.demo import run_demo
+
+            run_demo(args.out, quick=args.quick)
+        elif args.command == "sft":
+            from bpo.sft import sft
+
+            path, overrides = _split(args.args)
+            print(json.dumps(sft(load_config(SFTConfig, path, overrides)), indent=2))
+        elif args.command == "train":
+            from bpo.online import train
+
+            path, overrides = _split(args.args)
+            print(json.dumps(train(load_config(TrainConfig, path, overrides)), indent=2))
+        else:
+            from bpo.evaluate import evaluate_run
+
+            print(json.dumps(evaluate_run(args.run_dir), indent=2))
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"bpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

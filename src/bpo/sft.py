@@ -1,0 +1,105 @@
+"""Supervised fine-tuning on demonstrations: π_sft, where preference learning starts.
+
+The loss is the mean negative log-likelihood of the response tokens (the EOS that ends each
+demonstration included), prompt and padding masked. The fine-tuned model is saved merged, as a
+standalone checkpoint, so preference runs load it like any other with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from bpo.annotators import FunctionAnnotator
+from bpo.config import SFTConfig
+from bpo.evaluate import evaluate
+from bpo.policy import Policy
+from bpo.rundir import RunDir
+from bpo.tasks import load_task
+
+
+def sft(cfg: SFTConfig, progress: bool = True) -> dict:
+    """Fine-tune on the task's demonstrations; write the run directory and return its summary."""
+    started = time.perf_counter()
+    run = RunDir.create(cfg)
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
+    set_seed(cfg.seed)
+    task = load_task(**asdict(cfg.task))
+    policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, accelerator.device)
+    prompt_ids = policy.encode_prompts([e.prompt for e in task.sft])
+    response_ids = [
+        ids + [policy.eos_id]
+        for ids in policy.tokenizer([e.response for e in task.sft], add_special_tokens=False)[
+            "input_ids"
+        ]
+    ]
+    steps_per_epoch = -(-len(task.sft) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    order_rng = random.Random(cfg.seed)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    bar = tqdm(total=total_steps, desc="sft", disable=not progress)
+    step = 0
+    for epoch in range(cfg.epochs):
+        order = list(range(len(task.sft)))
+        order_rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            responses = [response_ids[i] for i in idx]
+            with accelerator.autocast():
+                logps = policy.logps([prompt_ids[i] for i in idx], responses)  # (n,)
+                tokens = sum(map(len, responses))
+                loss = -logps.sum() / tokens  # mean NLL per response token
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            run.log(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "grad_norm": grad_norm.item(),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                }
+            )
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    policy.save_merged(run.path / "model")
+    eval_examples = task.eval[: cfg.eval.n_prompts]
+    scorer = FunctionAnnotator(cfg.eval.scorer or task.reward, field="eval.scorer")
+    metrics = evaluate(
+        policy,
+        eval_examples,
+        policy.encode_prompts([e.prompt for e in eval_examples]),
+        scorer,
+        cfg.sampling,
+    )
+    run.log({"step": step, **metrics})
+    summary = {
+        "method": "sft",
+        "loss": "nll",
+        "reference": None,
+        "F": 0,
+        "T": step,
+        "pairs_annotated": 0,
+        "annotation_phases": 0,
+        "win_rate": metrics["eval/win_rate"],
+        **{k.removeprefix("eval/"): v for k, v in metrics.items() if k != "eval/win_rate"},
+        "wall_seconds": time.perf_counter() - started,
+    }
+    run.write_summary(summary)
+    return summary
