@@ -30,13 +30,13 @@ def test_ideal_summary_scores_one_and_beats_worse_summaries():
     ("response", "expected"),
     [
         # coverage 3/3; pairs (rent, landlord) out of order, (landlord, cat) in order: order 1/2;
-        # ended; no extras: 0.5 + 0.3 * 0.5 + 0.2 = 0.85
-        ("landlord rent cat .", 0.85),
+        # ended; no extras: 0.6 + 0.2 * 0.5 + 0.2 = 0.9
+        ("landlord rent cat .", 0.9),
         # coverage 2/3; (rent, landlord) in order, cat missing: order 1/2; not ended; one extra
-        # ("the"): 0.5 * 2/3 + 0.3 * 0.5 + 0 - 0.1 = 0.38333
-        ("rent the landlord", 0.5 * 2 / 3 + 0.15 - 0.1),
+        # ("the"): 0.6 * 2/3 + 0.2 * 0.5 + 0 - 0.1 = 0.4
+        ("rent the landlord", 0.4),
         # body "rent rent dog landlord cat", tail "cat" after the first `.`: coverage 1, order 1,
-        # ended; extras: a repeated rent, dog, the tail cat = 3: 0.5 + 0.3 + 0.2 - 0.3 = 0.7
+        # ended; extras: a repeated rent, dog, the tail cat = 3: 0.6 + 0.2 + 0.2 - 0.3 = 0.7
         ("rent rent dog landlord cat . cat .", 0.7),
         # just `.`: coverage 0, order 0, ended, no extras: 0.2
         (".", 0.2),
@@ -76,9 +76,10 @@ def test_posts_have_24_to_48_words(task):
 
 
 def test_references_are_good_but_below_ideal(task):
+    """The reference drops the least frequent key: 0.5 with 2 keys, 0.7 with 3, 0.78 with 4."""
     for e in task.eval:
         assert reward(e.prompt, ideal_summary(e.prompt)) == 1.0
-        assert 0.4 < reward(e.prompt, e.response) < 1.0
+        assert 0.5 <= reward(e.prompt, e.response) < 0.8
 
 
 def test_demonstrations_are_noisy(task):

@@ -17,11 +17,11 @@ from bpo.tasks.digest import build_tokenizer
 from bpo.tiny import build_tiny_llama
 
 DEMO_MODEL = {"hidden_size": 96, "num_layers": 3, "num_heads": 3}
-DEMO_SFT = ["epochs=8", "lr=3e-3", "batch_size=32", "sampling.max_new_tokens=10"]
+DEMO_SFT = ["epochs=6", "lr=3e-3", "batch_size=32", "sampling.max_new_tokens=10"]
 DEMO_TRAIN = [
     "finetune=full",
-    "lr=1e-4",
-    "T=200",
+    "lr=3e-4",
+    "T=300",
     "B=16",
     "beta=0.1",
     "sampling.max_new_tokens=10",

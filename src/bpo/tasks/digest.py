@@ -57,7 +57,7 @@ def reward(prompt: str, response: str) -> float:
                                                           (= coverage if n < 2)
       extras   = body words that are not keys + repeats of keys + words between the first `.`
                  and the final one (or the end)
-      r = clip(0.5 coverage + 0.3 order + 0.2 ended - 0.1 extras, -1, 1)
+      r = clip(0.6 coverage + 0.2 order + 0.2 ended - 0.1 extras, -1, 1)
     The ideal summary scores exactly 1.0.
     """
     keys = _topics(prompt)[0]
@@ -75,7 +75,7 @@ def reward(prompt: str, response: str) -> float:
     in_order = sum(a in first and b in first and first[a] < first[b] for a, b in pairs)
     order = in_order / len(pairs) if pairs else coverage
     extras = len(body) - present + len(tail)  # all body words but each key's first occurrence
-    r = 0.5 * coverage + 0.3 * order + 0.2 * ended - 0.1 * extras
+    r = 0.6 * coverage + 0.2 * order + 0.2 * ended - 0.1 * extras
     return max(-1.0, min(1.0, r))
 
 
@@ -100,19 +100,12 @@ def _insert(rng: random.Random, body: list[str], word: str) -> None:
     body.insert(rng.randrange(len(body) + 1), word)
 
 
-def _reference(rng: random.Random, prompt: str) -> str:
-    """A good but imperfect "human" summary: the ideal with exactly one defect."""
-    keys, distractors = _topics(prompt)
-    body = list(keys)
-    defect = rng.choice(("omit", "swap", "extra"))
-    if defect == "omit":  # drop the least frequent key
-        body.pop()
-    elif defect == "swap":  # swap one adjacent pair
-        i = rng.randrange(len(body) - 1)
-        body[i], body[i + 1] = body[i + 1], body[i]
-    else:
-        _insert(rng, body, _extra_word(rng, distractors))
-    return " ".join([*body, SUMMARY_END])
+def _reference(prompt: str) -> str:
+    """A good but imperfect "human" summary: the ideal less its least frequent key, as a hurried
+    writer leaves out a detail. It scores 0.5 (2 keys), 0.7 (3) or about 0.78 (4); any summary
+    that names every key in order with at most one extra word beats it."""
+    keys = _topics(prompt)[0]
+    return " ".join([*keys[:-1], SUMMARY_END])
 
 
 def _demonstration(rng: random.Random, prompt: str) -> str:
@@ -120,12 +113,11 @@ def _demonstration(rng: random.Random, prompt: str) -> str:
     keys, distractors = _topics(prompt)
     kept = [w for w in keys if rng.random() < 0.6] or [rng.choice(keys)]
     body = list(kept)
-    if rng.random() < 0.5:
-        for _ in range(rng.randint(1, 2)):
-            _insert(rng, body, _extra_word(rng, distractors))
-    if rng.random() < 0.2:
+    if rng.random() < 0.15:
+        _insert(rng, body, _extra_word(rng, distractors))
+    if rng.random() < 0.1:
         _insert(rng, body, rng.choice(kept))
-    if rng.random() < 0.9:
+    if rng.random() < 0.95:
         body.append(SUMMARY_END)
     return " ".join(body)
 
@@ -151,7 +143,7 @@ def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int
         name="digest",
         sft=[Example(p, _demonstration(rng, p)) for p in sft],
         align_prompts=align,
-        eval=[Example(p, _reference(rng, p)) for p in evaluation],
+        eval=[Example(p, _reference(p)) for p in evaluation],
         reward="bpo.tasks.digest:reward",
     )
 
