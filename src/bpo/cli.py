@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from transformers.utils import logging as hf_logging
+
 from bpo.config import ConfigError, SFTConfig, TrainConfig, load_config
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the run's own
     try:
         if args.command == "demo":
             from bpo.demo import run_demo
