@@ -4,6 +4,7 @@
     bpo sft CONFIG.yaml [key=value ...]
     bpo train CONFIG.yaml [key=value ...]
     bpo eval RUN_DIR
+    bpo export RUN_DIR --out DIR
 
 Overrides use OmegaConf's dotted `key=value` form (e.g. `lora.r=16 method=on_policy_bpo`);
 the CONFIG file is optional when the overrides give every required field.
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
+    ex = sub.add_parser("export", help="a LoRA run as merged/, adapter/ (peft) and members/")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="folder to write into")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the run's own
     try:
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split(args.args)
             print(json.dumps(train(load_config(TrainConfig, path, overrides)), indent=2))
+        elif args.command == "export":
+            from bpo.export import export_run
+
+            print(json.dumps(export_run(args.run_dir, args.out), indent=2))
         else:
             from bpo.evaluate import evaluate_run
 

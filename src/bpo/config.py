@@ -40,6 +40,10 @@ class LoraConfig:
     """LoRA scaling numerator: the delta is (alpha / r)·B·A."""
     target_modules: str = "all-linear"
     """peft's `target_modules`: "all-linear" or comma-separated module names."""
+    members: int = 1
+    """Ensemble size k: members trained together, merged as the mean of their deltas."""
+    init_from: str | None = None
+    """Start from a saved LoRA (a run's `policy/`, e.g. an SFT run's k members); None: fresh."""
 
 
 @dataclass

@@ -88,7 +88,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     scorer = FunctionAnnotator(scorer_spec or task.reward, field="eval.scorer")
     sft_logps = None
     if schema is TrainConfig and cfg.eval.kl:
-        sft_policy = Policy.load(cfg.model, "full", cfg.lora, cfg.seed, device)
+        sft_policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, device)  # θ at t=0
         sft_logps = partial(sft_policy.logps_batched, batch_size=cfg.logprob_batch_size)
     metrics = evaluate(
         policy,

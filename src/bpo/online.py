@@ -21,7 +21,7 @@ from bpo.config import TrainConfig
 from bpo.evaluate import LogpFn, evaluate
 from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PromptSampler, collect_pairs
-from bpo.policy import Policy, sequence_logps
+from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference
 from bpo.rundir import RunDir
@@ -126,9 +126,15 @@ def dap_update(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
 ) -> dict[str, float]:
-    """θ ← θ − γ∇θ L_DAP(batch, π_θ; π_ref) (Algorithm 1, line 13); TRL's metric names."""
-    logps = sequence_logps(policy.model, *batch.packed)  # (2B,): one chosen+rejected forward
-    policy_chosen, policy_rejected = logps.chunk(2)  # (B,), (B,)
+    """θ ← θ − γ∇θ L_DAP(batch, π_θ; π_ref) (Algorithm 1, line 13); TRL's metric names.
+
+    With a LoRA ensemble every member takes its own loss on the same batch and the same π_ref,
+    in one forward/backward over the batch repeated k times; metrics average the members.
+    """
+    k = policy.members
+    packed = tuple(t.repeat(k, 1) for t in batch.packed)  # (k·2B, L): a copy per member
+    logps = policy.member_logps(*packed)  # (k, 2B): one chosen+rejected forward
+    policy_chosen, policy_rejected = logps.chunk(2, dim=1)  # (k, B), (k, B)
     reference_chosen, reference_rejected = reference.logps(batch, policy)  # (B,), (B,)
     if cfg.loss == "ipo" and cfg.ipo_average_logps:
         chosen_len, rejected_len = batch.lengths
@@ -136,23 +142,21 @@ def dap_update(
         policy_rejected = policy_rejected / rejected_len
         reference_rejected = reference_rejected / rejected_len
     out = loss_fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected, cfg.beta)
-    loss = out.losses.mean()
+    loss = out.losses.mean(-1).sum()  # each member's own mean loss; = the mean for k = 1
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
-    params = policy.trainable_parameters()
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm)  # (k,)
     optimizer.step()
-    margins = out.chosen_rewards - out.rejected_rewards
+    margins = out.chosen_rewards - out.rejected_rewards  # (k, B)
     return {
-        "loss": loss.item(),
+        "loss": out.losses.mean().item(),
         "rewards/chosen": out.chosen_rewards.mean().item(),
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": margins.mean().item(),
         "rewards/accuracies": (margins > 0).float().mean().item(),
         "logps/chosen": policy_chosen.detach().mean().item(),
         "logps/rejected": policy_rejected.detach().mean().item(),
-        "grad_norm": grad_norm.item(),
+        "grad_norm": grad_norm.mean().item(),
     }
 
 

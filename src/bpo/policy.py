@@ -17,6 +17,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
+from bpo.ensemble import CONFIG_FILE as ENSEMBLE_CONFIG
+from bpo.ensemble import LoraEnsemble
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,14 +74,30 @@ def add_lora(lm: torch.nn.Module, lora: LoraConfig, seed: int) -> PeftModel:
 
 
 class Policy:
-    """A causal LM with its tokenizer: batched sampling, teacher-forced log-probs, save."""
+    """A causal LM with its tokenizer: batched sampling, teacher-forced log-probs, save.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device) -> None:
+    With a LoRA ensemble (`lora.members` > 1) sampling and log-probs use the merged members;
+    `member_logps` runs each member on its own chunk of a batch for training.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        device: torch.device,
+        ensemble: LoraEnsemble | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.ensemble = ensemble
         self.pad_id: int = tokenizer.pad_token_id
         self.eos_id: int = tokenizer.eos_token_id
+
+    @property
+    def members(self) -> int:
+        """k: how many copies of a batch `member_logps` expects (1 without an ensemble)."""
+        return self.ensemble.members if self.ensemble else 1
 
     @classmethod
     def load(
@@ -91,18 +109,50 @@ class Policy:
         device: torch.device,
         adapter_path: str | Path | None = None,
     ) -> Policy:
-        """Load the base model; add a LoRA adapter (fresh, or saved at `adapter_path`) if asked."""
+        """Load the base model and, for LoRA, add adapters: saved ones from `adapter_path` (or
+        `lora.init_from`), else fresh ones — one peft LoRA, or an ensemble of `lora.members`."""
         lm, tokenizer = load_causal_lm(model, device)
+        ensemble = None
+        source = adapter_path or lora.init_from
         if finetune == "lora":
-            if adapter_path is None:
-                lm = add_lora(lm, lora, seed)
-            else:
-                lm = PeftModel.from_pretrained(lm, str(adapter_path), is_trainable=True)
+            if source is not None and (Path(source) / ENSEMBLE_CONFIG).is_file():
+                ensemble = LoraEnsemble.load(lm, source)
+            elif source is not None:
+                if not Path(source, "adapter_config.json").is_file():
+                    raise ConfigError(
+                        f"lora.init_from: {source} holds no LoRA (adapter_config.json or "
+                        f"{ENSEMBLE_CONFIG}); give a run's policy/ folder"
+                    )
+                lm = PeftModel.from_pretrained(lm, str(source), is_trainable=True)
                 disable_dropout(lm)
-        return cls(lm, tokenizer, device)
+            elif lora.members > 1:
+                ensemble = LoraEnsemble.create(lm, lora, lora.members, seed)
+            else:
+                lm = add_lora(lm, lora, seed)
+        return cls(lm, tokenizer, device, ensemble)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.ensemble:
+            return self.ensemble.parameters()
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def member_logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Sequence log-probs of a packed batch of k·n rows, chunk i under member i: (k, n)."""
+        if self.ensemble is None:
+            return sequence_logps(self.model, input_ids, attention_mask, response_mask)[None]
+        with self.ensemble.per_member():
+            logps = sequence_logps(self.model, input_ids, attention_mask, response_mask)
+        return logps.view(self.members, -1)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip gradients (each ensemble member on its own); return the norm(s) before, (k,)."""
+        if max_norm <= 0:
+            max_norm = float("inf")
+        if self.ensemble:
+            return self.ensemble.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)[None]
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, special tokens (e.g. BOS) added as the tokenizer does."""
@@ -160,17 +210,22 @@ class Policy:
         return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
 
     def save(self, path: str | Path) -> None:
-        """Save the trainable state: the adapter for LoRA, the whole model otherwise."""
-        self.model.save_pretrained(path)
+        """Save the trainable state: the adapter(s) for LoRA, the whole model otherwise."""
+        if self.ensemble:
+            self.ensemble.save(path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def save_merged(self, path: str | Path) -> None:
-        """Save a standalone checkpoint with any adapter folded into the base weights."""
-        model = self.model
-        if isinstance(model, PeftModel):
-            model = model.merge_and_unload()
-            self.model = model
-        model.save_pretrained(path)
+        """Save a standalone checkpoint with any adapter folded into the base weights; the policy
+        keeps working, now without trainable adapters."""
+        if isinstance(self.model, PeftModel):
+            self.model = self.model.merge_and_unload()
+        elif self.ensemble:
+            self.ensemble.fold()
+            self.ensemble = None
+        self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
 

@@ -20,7 +20,7 @@ from transformers import get_cosine_schedule_with_warmup
 from bpo.annotators import FunctionAnnotator
 from bpo.config import SFTConfig
 from bpo.evaluate import evaluate
-from bpo.policy import Policy
+from bpo.policy import Policy, pack
 from bpo.rundir import RunDir
 from bpo.tasks import load_task
 
@@ -46,38 +46,43 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
         policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    order_rng = random.Random(cfg.seed)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    k = policy.members  # an ensemble trains all k members, each on its own data order
+    order_rngs = [random.Random(cfg.seed + i) for i in range(k)]
     bar = tqdm(total=total_steps, desc="sft", disable=not progress)
     step = 0
     for epoch in range(cfg.epochs):
-        order = list(range(len(task.sft)))
-        order_rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        orders = []
+        for rng in order_rngs:
+            orders.append(list(range(len(task.sft))))
+            rng.shuffle(orders[-1])
+        for start in range(0, len(task.sft), cfg.batch_size):
+            idx = [i for order in orders for i in order[start : start + cfg.batch_size]]
             responses = [response_ids[i] for i in idx]
+            packed = pack([prompt_ids[i] for i in idx], responses, policy.pad_id, policy.device)
             with accelerator.autocast():
-                logps = policy.logps([prompt_ids[i] for i in idx], responses)  # (n,)
-                tokens = sum(map(len, responses))
-                loss = -logps.sum() / tokens  # mean NLL per response token
+                logps = policy.member_logps(*packed)  # (k, n)
+                tokens = torch.tensor([len(r) for r in responses], device=logps.device)
+                tokens = tokens.view(k, -1).sum(-1)  # (k,)
+                loss = (-logps.sum(-1) / tokens).sum()  # each member's mean NLL per token
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm)
+            grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
-            run.log(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss.item(),
-                    "grad_norm": grad_norm.item(),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                }
-            )
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss.item() / k,
+                "grad_norm": grad_norm.mean().item(),
+                "learning_rate": scheduler.get_last_lr()[0],
+            }
+            run.log(record)
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
     bar.close()
+    if cfg.finetune == "lora":
+        policy.save(run.path / "policy")  # the adapter(s), for preference runs' lora.init_from
     policy.save_merged(run.path / "model")
     eval_examples = task.eval[: cfg.eval.n_prompts]
     scorer = FunctionAnnotator(cfg.eval.scorer or task.reward, field="eval.scorer")
