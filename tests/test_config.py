@@ -67,6 +67,8 @@ def test_method_conflicts_are_errors():
         (["method=bpo", "F=2", "loss=kto"], "^loss: unknown loss 'kto'"),
         (["method=bpo", "F=2", "T=ten"], "^T: Value 'ten'"),
         (["F=2"], "^method: not set"),
+        (["method=bpo", "F=2", "finetune=full", "lora.members=5"], "^lora.members / lora.init"),
+        (["method=bpo", "F=2", "lora.members=0"], "^lora: members and r must be >= 1"),
     ],
 )
 def test_bad_values(overrides, message):

@@ -206,6 +206,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size")
+        _validate_lora(self)
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=1e-3")
 
@@ -260,7 +261,20 @@ def _method_name(F: int, T: int, reference: str) -> str:
     return "offline_dpo" if F == 1 else "on_policy_dpo" if F == T else "online_dpo"
 
 
+def _validate_lora(cfg: TrainConfig | SFTConfig) -> None:
+    if cfg.lora.members < 1 or cfg.lora.r < 1:
+        raise ConfigError(
+            f"lora: members and r must be >= 1, got members={cfg.lora.members} r={cfg.lora.r}"
+        )
+    if cfg.finetune == "full" and (cfg.lora.members != 1 or cfg.lora.init_from):
+        raise ConfigError(
+            f"lora.members / lora.init_from: set ({cfg.lora.members}, {cfg.lora.init_from!r}) but "
+            "finetune=full does not read them; set finetune=lora or remove them"
+        )
+
+
 def _validate_train(cfg: TrainConfig) -> None:
+    _validate_lora(cfg)
     if not 1 <= cfg.F <= cfg.T or cfg.T % cfg.F:
         raise ConfigError(
             f"F: must divide T and lie in [1, T]; got F={cfg.F}, T={cfg.T}; "

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
@@ -24,18 +22,13 @@ from bpo.pairs import CollectionStats, PromptSampler, collect_pairs
 from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference
-from bpo.rundir import RunDir
-from bpo.tasks import load_task
+from bpo.start import start_run
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run Algorithm 1 as configured; write the run directory and return its summary."""
     started = time.perf_counter()
-    run = RunDir.create(cfg)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
-    set_seed(cfg.seed)
-    task = load_task(**asdict(cfg.task))
-    policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, accelerator.device)
+    run, accelerator, task, policy = start_run(cfg)
     reference = make_reference(cfg, policy)
     annotator = FunctionAnnotator(cfg.annotator.function or task.reward)
     scorer = FunctionAnnotator(cfg.eval.scorer or annotator.spec, field="eval.scorer")

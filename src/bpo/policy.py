@@ -7,6 +7,7 @@ Prompts and responses travel as token ids, tokenized once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,7 +67,9 @@ def add_lora(lm: torch.nn.Module, lora: LoraConfig, seed: int) -> PeftModel:
         target_modules=targets if targets == "all-linear" else targets.split(","),
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 calls a transformers 5 method that warns of its own deprecation
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         torch.manual_seed(seed)
         model = get_peft_model(lm, peft_config)
     disable_dropout(model)

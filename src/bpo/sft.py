@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from bpo.annotators import FunctionAnnotator
 from bpo.config import SFTConfig
 from bpo.evaluate import evaluate
-from bpo.policy import Policy, pack
-from bpo.rundir import RunDir
-from bpo.tasks import load_task
+from bpo.policy import pack
+from bpo.start import start_run
 
 
 def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     """Fine-tune on the task's demonstrations; write the run directory and return its summary."""
     started = time.perf_counter()
-    run = RunDir.create(cfg)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
-    set_seed(cfg.seed)
-    task = load_task(**asdict(cfg.task))
-    policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, accelerator.device)
+    run, accelerator, task, policy = start_run(cfg)
     prompt_ids = policy.encode_prompts([e.prompt for e in task.sft])
     response_ids = [
         ids + [policy.eos_id]
