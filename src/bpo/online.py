@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "pairs_used": pool.popped,
         "annotation_phases": cfg.F,
         "annotator_calls": annotator.calls,
+        "prompts_sampled": collected.prompts,
         "dropped_identical": collected.dropped_identical,
         "dropped_ties": collected.dropped_ties,
         "win_rate": final_eval["eval/win_rate"],

@@ -45,17 +45,13 @@ class CollectionStats:
     """What an annotation phase cost and what it dropped."""
 
     prompts: int = 0
-    annotator_calls: int = 0
     dropped_identical: int = 0
     dropped_ties: int = 0
-    kept: int = 0
 
     def add(self, other: CollectionStats) -> None:
         self.prompts += other.prompts
-        self.annotator_calls += other.annotator_calls
         self.dropped_identical += other.dropped_identical
         self.dropped_ties += other.dropped_ties
-        self.kept += other.kept
 
 
 def collect_pairs(
@@ -90,7 +86,6 @@ def collect_pairs(
         text_a = policy.decode([first[j] for j in distinct])
         text_b = policy.decode([second[j] for j in distinct])
         margins = annotator.compare(prompts, text_a, text_b)
-        stats.annotator_calls += len(distinct)
         kept = []  # (prompt index j, y_w ids, y_l ids, y_w text, y_l text, |margin|)
         for k, margin in enumerate(margins):
             if margin == 0 and ties == "drop":
@@ -129,5 +124,4 @@ def collect_pairs(
             "the policy may have collapsed to one response: raise sampling.temperature or set "
             "annotator.ties=random"
         )
-    stats.kept = len(pairs)
     return pairs, stats
