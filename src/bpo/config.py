@@ -76,11 +76,31 @@ class SamplingConfig:
 
 @dataclass
 class AnnotatorConfig:
+    type: Literal["function", "reward_model", "preference_model"] = "function"
+    """Who judges pairs: a Python reward function, a reward model or a pairwise preference model."""
     function: str | None = None
     """Reward function `module:function` with signature (prompt, response) -> float; None: the
-    task's gold reward."""
+    task's gold reward. Only for type=function."""
+    path: str | None = None
+    """Hub id or local folder of the reward_model / preference_model (`from_pretrained`)."""
+    encoding: Literal["pair", "chat"] = "pair"
+    """How a reward_model reads (x, y): the tokenizer's text pair (the BPO paper's DeBERTa
+    simulator) or a user/assistant chat through the tokenizer's chat template."""
+    max_length: int = 640
+    """Most tokens a model reads per input; longer inputs are truncated, counted and warned of."""
+    batch_size: int = 32
+    """Most inputs per model forward."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the reward_model / preference_model weights are loaded in."""
+    noise_temperature: float = 0.0
+    """Bradley-Terry label noise: y_w = a with probability σ((r_a − r_b)/temperature); 0: none."""
+    length_penalty: float = 0.0
+    """Reward r − coef·|y|, |y| in characters (RLHF Workflow, arXiv 2405.07863, Eq. 9); 0: none."""
     ties: Literal["drop", "random"] = "drop"
     """What to do with a pair the annotator scores equal."""
+
+    def __post_init__(self) -> None:
+        _validate_annotator(self)
 
 
 @dataclass
@@ -300,6 +320,40 @@ def _validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.sampling.temperature <= 0:
         raise ConfigError(f"sampling.temperature: must be > 0, got {cfg.sampling.temperature}")
+
+
+def _validate_annotator(cfg: AnnotatorConfig) -> None:
+    """Values no annotator can use, and fields the annotator's type does not read, are errors."""
+    for name in ("noise_temperature", "length_penalty"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"annotator.{name}: must be >= 0, got {getattr(cfg, name)}; 0: off")
+    for name in ("max_length", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"annotator.{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.type == "function":
+        unread = ("path", "encoding", "max_length", "batch_size", "dtype")
+        fix = " or set annotator.type to reward_model or preference_model"
+    else:
+        if cfg.function is not None:
+            raise ConfigError(
+                f"annotator.function: set to {cfg.function!r} but annotator.type={cfg.type} does "
+                "not read it; set annotator.type=function or remove annotator.function"
+            )
+        if not cfg.path:
+            raise ConfigError(
+                f"annotator.path: annotator.type={cfg.type} needs the model's folder or Hub id"
+            )
+        unread, fix = (), ""
+        if cfg.type == "preference_model":
+            unread = ("encoding", "noise_temperature", "length_penalty")
+            fix = " or use annotator.type=reward_model, which gives rewards"
+    defaults = AnnotatorConfig.__dataclass_fields__
+    for name in unread:
+        if getattr(cfg, name) != defaults[name].default:
+            raise ConfigError(
+                f"annotator.{name}: set to {getattr(cfg, name)!r} but annotator.type={cfg.type} "
+                f"does not read it; remove annotator.{name}{fix}"
+            )
 
 
 def _positive(cfg: object, *names: str) -> None:

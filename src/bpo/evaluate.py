@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bpo.annotators import Annotator, FunctionAnnotator, RewardAnnotator
+from bpo.annotators import (
+    Annotator,
+    FunctionAnnotator,
+    RewardAnnotator,
+    build_annotator,
+    evaluation_scorer,
+)
 from bpo.config import ModelConfig, SamplingConfig, SFTConfig, TrainConfig, load_config
 from bpo.policy import Policy
 from bpo.rundir import RunDir
@@ -84,8 +90,10 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     policy = Policy.load(model_cfg, finetune, cfg.lora, cfg.seed, device, adapter_path=adapter)
     task = load_task(**asdict(cfg.task))
     examples = task.eval[: cfg.eval.n_prompts]
-    scorer_spec = cfg.eval.scorer or getattr(cfg, "annotator", None) and cfg.annotator.function
-    scorer = FunctionAnnotator(scorer_spec or task.reward, field="eval.scorer")
+    if cfg.eval.scorer or schema is SFTConfig:  # as `train` and `sft` judge
+        scorer = FunctionAnnotator(cfg.eval.scorer or task.reward, field="eval.scorer")
+    else:
+        scorer = evaluation_scorer(build_annotator(cfg.annotator, task.reward, device, cfg.seed))
     sft_logps = None
     if schema is TrainConfig and cfg.eval.kl:
         sft_policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, device)  # θ at t=0

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from bpo.annotators import FunctionAnnotator
+from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
 from bpo.config import TrainConfig
 from bpo.evaluate import LogpFn, evaluate
 from bpo.losses import DAPLoss, get_loss
@@ -30,8 +30,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     run, accelerator, task, policy = start_run(cfg)
     reference = make_reference(cfg, policy)
-    annotator = FunctionAnnotator(cfg.annotator.function or task.reward)
-    scorer = FunctionAnnotator(cfg.eval.scorer or annotator.spec, field="eval.scorer")
+    annotator = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
+    scorer = (  # eval.scorer, else the annotator without its label noise
+        FunctionAnnotator(cfg.eval.scorer, field="eval.scorer")
+        if cfg.eval.scorer
+        else evaluation_scorer(annotator)
+    )
     eval_examples = task.eval[: cfg.eval.n_prompts]
     eval_ids = policy.encode_prompts([e.prompt for e in eval_examples])
     sft_logps = _sft_logps(cfg, policy, reference) if cfg.eval.kl else None
