@@ -111,8 +111,8 @@ class EvalConfig:
     n_prompts: int | None = None
     """Evaluate on the first n held-out prompts; None: all of them."""
     scorer: str | None = None
-    """Reward function `module:function` that judges the win rate; None: the annotator's (the
-    paper's protocol: the simulator that annotates also evaluates)."""
+    """Reward function `module:function` that judges the win rate; None: the annotator without
+    its label noise (the paper's protocol: the simulator that annotates also evaluates)."""
     kl: bool = True
     """Estimate KL(π_θ‖π_sft) from one sample per prompt."""
 
