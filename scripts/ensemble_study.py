@@ -38,20 +38,28 @@ def run_cell(args: tuple[str, str, int, int, list[str]]) -> str:
     out, method, members, seed, overrides = args
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
-    if (Path(out) / "summary.json").is_file():
+    if (Path(out) / "summary.json").is_file() or (Path(out) / "collapsed.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)  # an unfinished cell starts again
     cfg = load_config(TrainConfig, overrides=[
         f"output_dir={out}", f"method={method}", f"lora.members={members}", f"seed={seed}",
         *overrides])  # fmt: skip
-    train(cfg, progress=False)
+    try:
+        train(cfg, progress=False)
+    except RuntimeError as e:  # the policy collapsed: no two distinct samples left to annotate
+        steps = [json.loads(line).get("step", 0) for line in open(Path(out) / "metrics.jsonl")]
+        (Path(out) / "collapsed.json").write_text(json.dumps({"step": max(steps), "error": str(e)}))
     return out
 
 
-def curves(run_dir: Path) -> tuple[list[int], list[float]]:
+def evals(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/win_rate" in r]
-    return [r["step"] for r in evals], [100 * r["eval/win_rate"] for r in evals]
+    return [r for r in rows if "eval/win_rate" in r]
+
+
+def last_eval(run_dir: Path) -> dict:
+    """The final evaluation, or the last one before a collapse."""
+    return evals(run_dir)[-1]
 
 
 def main() -> None:
@@ -73,13 +81,15 @@ def main() -> None:
             print("done", done, flush=True)
 
     fig, axes = plt.subplots(1, len(METHODS), figsize=(10, 3.8), sharey=True)
-    print("| method | members | final win rate (%) | final reward | KL(π‖π_sft) | seeds |")
+    print("| method | members | final win rate (%) | final reward | KL(π‖π_sft) | runs |")
     print("| --- | --- | --- | --- | --- | --- |")
     for ax, method in zip(axes, METHODS):
         for k in MEMBERS:
             runs = [Path(c[0]) for c in cells if c[1] == method and c[2] == k]
-            steps, _ = curves(runs[0])
-            series = [curves(r)[1] for r in runs]
+            # a collapsed run stops; from there on it counts with its last win rate
+            steps = max(([e["step"] for e in evals(r)] for r in runs), key=len)
+            series = [[100 * e["eval/win_rate"] for e in evals(r)] for r in runs]
+            series = [s + [s[-1]] * (len(steps) - len(s)) for s in series]
             mean = [statistics.mean(v) for v in zip(*series)]
             std = [statistics.pstdev(v) for v in zip(*series)]
             ax.plot(steps, mean, marker="o", label=f"k = {k}")

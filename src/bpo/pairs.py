@@ -2,18 +2,19 @@
 
 For each prompt x drawn from the alignment set, two responses y1, y2 ~ π_β(·|x) are sampled; pairs
 of identical responses are dropped before annotation, ties after it (or broken at random, by
-config). The kept pairs are oriented (y_w, y_l) and stored with log π_β of both responses,
-teacher-forced from the behavior model that sampled them.
+config). With n > 2 samples per prompt, the best against the worst by reward (RLHF Workflow).
+The kept pairs are oriented (y_w, y_l) and stored with log π_β of both responses, teacher-forced
+from the behavior model that sampled them.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from bpo.annotators import Annotator
-from bpo.config import SamplingConfig
+from bpo.annotators import Annotator, RewardAnnotator
+from bpo.config import ConfigError, SamplingConfig
 from bpo.policy import Policy
 from bpo.pool import PreferencePair
 
@@ -47,11 +48,17 @@ class CollectionStats:
     prompts: int = 0
     dropped_identical: int = 0
     dropped_ties: int = 0
+    responses_scored: int = 0
 
     def add(self, other: CollectionStats) -> None:
         self.prompts += other.prompts
         self.dropped_identical += other.dropped_identical
         self.dropped_ties += other.dropped_ties
+        self.responses_scored += other.responses_scored
+
+
+Candidate = tuple[int, list[int], list[int], str, str, float]
+"""(prompt index in the round, y_w ids, y_l ids, y_w text, y_l text, preference strength)."""
 
 
 def collect_pairs(
@@ -64,9 +71,16 @@ def collect_pairs(
     rng: random.Random,
     phase: int,
     logprob_batch_size: int,
+    samples_per_prompt: int = 2,
+    temperatures: Sequence[float] = (),
     max_rounds: int = 20,
 ) -> tuple[list[PreferencePair], CollectionStats]:
-    """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ."""
+    """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ.
+
+    Two samples per prompt are compared by the annotator; with more, the annotator's rewards pick
+    the best and the worst (RLHF Workflow, arXiv 2405.07863, Algorithm 2), the samples split
+    evenly over `temperatures` when given.
+    """
     pairs: list[PreferencePair] = []
     stats = CollectionStats()
     for _ in range(max_rounds):
@@ -74,28 +88,16 @@ def collect_pairs(
         if need == 0:
             break
         idx = sampler.draw(need)
+        prompts = [sampler.prompts[i] for i in idx]
         prompt_ids = [sampler.prompt_ids[i] for i in idx]
-        samples = policy.generate([p for p in prompt_ids for _ in range(2)], sampling)
-        first, second = samples[0::2], samples[1::2]
         stats.prompts += need
-        distinct = [j for j in range(need) if first[j] != second[j]]  # identical: dropped
-        stats.dropped_identical += need - len(distinct)
-        if not distinct:
-            continue
-        prompts = [sampler.prompts[idx[j]] for j in distinct]
-        text_a = policy.decode([first[j] for j in distinct])
-        text_b = policy.decode([second[j] for j in distinct])
-        margins = annotator.compare(prompts, text_a, text_b)
-        kept = []  # (prompt index j, y_w ids, y_l ids, y_w text, y_l text, |margin|)
-        for k, margin in enumerate(margins):
-            if margin == 0 and ties == "drop":
-                stats.dropped_ties += 1
-                continue
-            j = distinct[k]
-            if margin > 0 or (margin == 0 and rng.random() < 0.5):
-                kept.append((j, first[j], second[j], text_a[k], text_b[k], abs(margin)))
-            else:
-                kept.append((j, second[j], first[j], text_b[k], text_a[k], abs(margin)))
+        if samples_per_prompt == 2 and not temperatures:
+            kept = _two_samples(policy, prompts, prompt_ids, annotator, sampling, ties, rng, stats)
+        else:
+            kept = _best_vs_worst(
+                policy, prompts, prompt_ids, annotator, sampling, samples_per_prompt,
+                temperatures, stats,
+            )  # fmt: skip
         if not kept:
             continue
         kept_prompts = [prompt_ids[e[0]] for e in kept]
@@ -105,7 +107,7 @@ def collect_pairs(
         for n, (j, chosen, rejected, chosen_text, rejected_text, margin) in enumerate(kept):
             pairs.append(
                 PreferencePair(
-                    prompt=sampler.prompts[idx[j]],
+                    prompt=prompts[j],
                     chosen=chosen_text,
                     rejected=rejected_text,
                     prompt_ids=list(kept_prompts[n]),
@@ -125,3 +127,82 @@ def collect_pairs(
             "annotator.ties=random"
         )
     return pairs, stats
+
+
+def _two_samples(
+    policy: Policy,
+    prompts: list[str],
+    prompt_ids: list[list[int]],
+    annotator: Annotator,
+    sampling: SamplingConfig,
+    ties: str,
+    rng: random.Random,
+    stats: CollectionStats,
+) -> list[Candidate]:
+    """y1, y2 ~ π_β(·|x), identical pairs dropped, the rest compared by the annotator."""
+    samples = policy.generate([p for p in prompt_ids for _ in range(2)], sampling)
+    first, second = samples[0::2], samples[1::2]
+    distinct = [j for j in range(len(prompts)) if first[j] != second[j]]
+    stats.dropped_identical += len(prompts) - len(distinct)
+    if not distinct:
+        return []
+    text_a = policy.decode([first[j] for j in distinct])
+    text_b = policy.decode([second[j] for j in distinct])
+    margins = annotator.compare([prompts[j] for j in distinct], text_a, text_b)
+    kept = []
+    for k, margin in enumerate(margins):
+        if margin == 0 and ties == "drop":
+            stats.dropped_ties += 1
+            continue
+        j = distinct[k]
+        if margin > 0 or (margin == 0 and rng.random() < 0.5):
+            kept.append((j, first[j], second[j], text_a[k], text_b[k], abs(margin)))
+        else:
+            kept.append((j, second[j], first[j], text_b[k], text_a[k], abs(margin)))
+    return kept
+
+
+def _best_vs_worst(
+    policy: Policy,
+    prompts: list[str],
+    prompt_ids: list[list[int]],
+    annotator: Annotator,
+    sampling: SamplingConfig,
+    n: int,
+    temperatures: Sequence[float],
+    stats: CollectionStats,
+) -> list[Candidate]:
+    """n samples per prompt ranked by reward; the best against the worst. Prompts whose samples
+    are all identical, or whose best and worst rewards are equal, are dropped."""
+    if not isinstance(annotator, RewardAnnotator):
+        raise ConfigError(
+            f"pairs.samples_per_prompt: best-vs-worst of {n} needs rewards, and the annotator "
+            f"{type(annotator).__name__} only compares pairs; use samples_per_prompt=2"
+        )
+    groups = list(temperatures) or [sampling.temperature]
+    per_prompt: list[list[list[int]]] = [[] for _ in prompts]
+    for temperature in groups:
+        batch = [p for p in prompt_ids for _ in range(n // len(groups))]
+        for i, response in enumerate(
+            policy.generate(batch, replace(sampling, temperature=temperature))
+        ):
+            per_prompt[i // (n // len(groups))].append(response)
+    unique = [list({tuple(r): r for r in rs}.values()) for rs in per_prompt]
+    flat = [(j, r) for j, rs in enumerate(unique) if len(rs) > 1 for r in rs]
+    stats.dropped_identical += sum(len(rs) < 2 for rs in unique)
+    if not flat:
+        return []
+    texts = policy.decode([r for _, r in flat])
+    scores = annotator.score([prompts[j] for j, _ in flat], texts)
+    stats.responses_scored += len(flat)
+    kept = []
+    for j in sorted({j for j, _ in flat}):
+        rows = [m for m, (jj, _) in enumerate(flat) if jj == j]
+        best = max(rows, key=lambda m: scores[m])
+        worst = min(rows, key=lambda m: scores[m])
+        if scores[best] == scores[worst]:
+            stats.dropped_ties += 1
+            continue
+        kept.append((j, flat[best][1], flat[worst][1], texts[best], texts[worst],
+                     scores[best] - scores[worst]))  # fmt: skip
+    return kept
