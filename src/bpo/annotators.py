@@ -18,7 +18,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from bpo.config import AnnotatorConfig, ConfigError
 from bpo.policy import DTYPES, left_pad
@@ -146,7 +151,12 @@ class RewardModelAnnotator(RewardAnnotator):
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):
             end = start + self.batch_size
-            features = self._encode(prompts[start:end], responses[start:end])
+            features, cut = encode_reward_inputs(
+                self.tokenizer, self.encoding, prompts[start:end], responses[start:end],
+                self.max_length,
+            )  # fmt: skip
+            if cut:
+                self.truncated = _count_truncated(self, cut, len(features["input_ids"]))
             batch = self.tokenizer.pad(features, padding_side="right", return_tensors="pt")
             logits = self.model(**batch.to(self.device)).logits  # (n, 1)
             scores += logits.squeeze(-1).float().tolist()
@@ -155,31 +165,39 @@ class RewardModelAnnotator(RewardAnnotator):
             raise ValueError(f"{self.field}: {self.path} gave non-finite rewards {bad[:3]}")
         return scores
 
-    def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list]:
-        """Token ids (and token types, where the tokenizer gives them) of each input."""
-        if self.encoding == "pair":
-            texts, special = [list(prompts), list(responses)], True
-        else:
-            chats = [
-                [{"role": "user", "content": x}, {"role": "assistant", "content": y}]
-                for x, y in zip(prompts, responses)
-            ]
-            texts = [[self.tokenizer.apply_chat_template(c, tokenize=False) for c in chats]]
-            special = False  # the template wrote them
-        features = self.tokenizer(*texts, add_special_tokens=special, verbose=False).data
-        long = [i for i, ids in enumerate(features["input_ids"]) if len(ids) > self.max_length]
-        if long:  # re-encode only these, so truncation is counted exactly
-            cut = self.tokenizer(
-                *([column[i] for i in long] for column in texts),
-                add_special_tokens=special,
-                truncation=True,
-                max_length=self.max_length,
-            )
-            for key, values in features.items():
-                for j, i in enumerate(long):
-                    values[i] = cut[key][j]
-            self.truncated = _count_truncated(self, len(long), len(prompts))
-        return features
+
+def encode_reward_inputs(
+    tokenizer: PreTrainedTokenizerBase,
+    encoding: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> tuple[dict[str, list], int]:
+    """Token ids (and token types, where the tokenizer gives them) of each (x, y) as a reward
+    model reads it, unpadded, in `encoding` (see RewardModelAnnotator); and how many inputs were
+    truncated at `max_length`. Shared by the annotator and reward-model training."""
+    if encoding == "pair":
+        texts, special = [list(prompts), list(responses)], True
+    else:
+        chats = [
+            [{"role": "user", "content": x}, {"role": "assistant", "content": y}]
+            for x, y in zip(prompts, responses)
+        ]
+        texts = [[tokenizer.apply_chat_template(c, tokenize=False) for c in chats]]
+        special = False  # the template wrote them
+    features = tokenizer(*texts, add_special_tokens=special, verbose=False).data
+    long = [i for i, ids in enumerate(features["input_ids"]) if len(ids) > max_length]
+    if long:  # re-encode only these, so truncation is counted exactly
+        cut = tokenizer(
+            *([column[i] for i in long] for column in texts),
+            add_special_tokens=special,
+            truncation=True,
+            max_length=max_length,
+        )
+        for key, values in features.items():
+            for j, i in enumerate(long):
+                values[i] = cut[key][j]
+    return features, len(long)
 
 
 PREFERENCE_TEMPLATE = "[CONTEXT] {prompt} [RESPONSE A] {a} [RESPONSE B] {b}"
@@ -212,13 +230,7 @@ class PreferenceModelAnnotator(Annotator):
     ) -> None:
         super().__init__()
         self.tokenizer, self.model = _load(AutoModelForCausalLM, path, dtype, device, field)
-        label_ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in labels]
-        if any(len(ids) != 1 for ids in label_ids) or label_ids[0] == label_ids[1]:
-            raise ConfigError(
-                f"{field}.path: the tokenizer of {path} splits the labels {labels} into "
-                f"{label_ids}; each must be one token, and the two distinct"
-            )
-        self.label_ids = [ids[0] for ids in label_ids]
+        self.label_ids = label_token_ids(self.tokenizer, labels, path, f"{field}.path")
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
         self.answer_prefix, self.field = answer_prefix, field
@@ -232,37 +244,87 @@ class PreferenceModelAnnotator(Annotator):
         p = self.prefer_first(list(prompts) * 2, list(a) + list(b), list(b) + list(a))
         return [(p_ab - p_ba) / 2 for p_ab, p_ba in zip(p[:n], p[n:])]  # position bias cancels
 
-    @torch.no_grad()
     def prefer_first(
         self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]
     ) -> list[float]:
         """P(A)/(P(A)+P(B)) − 1/2 with `first` shown as response A: one order, its bias kept."""
-        texts = [
-            PREFERENCE_TEMPLATE.format(prompt=x, a=y1, b=y2) + self.answer_prefix
-            for x, y1, y2 in zip(prompts, first, second)
-        ]
-        rows = self.tokenizer(texts)["input_ids"]
-        long = [i for i, ids in enumerate(rows) if len(ids) > self.max_length]
-        for i in long:  # keep the end: the responses and the answer prefix
-            keep = int(rows[i][0] == self.tokenizer.bos_token_id)
-            rows[i] = rows[i][:keep] + rows[i][len(rows[i]) - self.max_length + keep :]
-        if long:
-            self.truncated = _count_truncated(self, len(long), len(rows))
-        out: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            input_ids, mask = left_pad(
-                rows[start : start + self.batch_size], self.pad_id, self.device
-            )
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): padding leaves no gap
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                logits_to_keep=1,
-            ).logits[:, -1]  # (n, V): next token after each row's last (left-padded) token
-            pair = logits[:, self.label_ids].float()  # (n, 2): logits of A and B
-            out += (torch.sigmoid(pair[:, 0] - pair[:, 1]) - 0.5).tolist()  # P(A)/(P(A)+P(B))
-        return out
+        rows, cut = preference_rows(
+            self.tokenizer, prompts, first, second, self.answer_prefix, self.max_length
+        )
+        if cut:
+            self.truncated = _count_truncated(self, cut, len(rows))
+        return preference_for_first(
+            self.model, rows, self.label_ids, self.pad_id, self.batch_size, self.device
+        )
+
+
+def label_token_ids(
+    tokenizer: PreTrainedTokenizerBase, labels: Sequence[str], path: str, field: str
+) -> list[int]:
+    """The token id of each of the two labels; a label the tokenizer splits, or two labels on one
+    token, is an error naming `field`."""
+    label_ids = [tokenizer.encode(t, add_special_tokens=False) for t in labels]
+    if any(len(ids) != 1 for ids in label_ids) or label_ids[0] == label_ids[1]:
+        raise ConfigError(
+            f"{field}: the tokenizer of {path} splits the labels {list(labels)} into "
+            f"{label_ids}; each must be one token, and the two distinct"
+        )
+    return [ids[0] for ids in label_ids]
+
+
+def preference_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    first: Sequence[str],
+    second: Sequence[str],
+    answer_prefix: str,
+    max_length: int,
+) -> tuple[list[list[int]], int]:
+    """Token ids of PREFERENCE_TEMPLATE + `answer_prefix` per pair, `first` shown as response A,
+    and how many rows were cut: a row longer than `max_length` keeps its end (the responses and
+    the prefix) and a leading BOS. Shared by the annotator and preference-model training."""
+    texts = [
+        PREFERENCE_TEMPLATE.format(prompt=x, a=y1, b=y2) + answer_prefix
+        for x, y1, y2 in zip(prompts, first, second)
+    ]
+    rows = tokenizer(texts)["input_ids"]
+    long = [i for i, ids in enumerate(rows) if len(ids) > max_length]
+    for i in long:
+        keep = int(rows[i][0] == tokenizer.bos_token_id)
+        rows[i] = rows[i][:keep] + rows[i][len(rows[i]) - max_length + keep :]
+    return rows, len(long)
+
+
+def next_token_logits(
+    model: torch.nn.Module, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Logits of the token after each row, from one left-padded forward: (n, V)."""
+    input_ids, mask = left_pad(rows, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L): padding leaves no gap
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        logits_to_keep=1,
+    ).logits[:, -1]  # (n, V): next token after each row's last (left-padded) token
+
+
+@torch.no_grad()
+def preference_for_first(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[float]:
+    """P(A)/(P(A)+P(B)) − 1/2 over the next token of each row, A and B the two label tokens."""
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        logits = next_token_logits(model, rows[start : start + batch_size], pad_id, device)
+        pair = logits[:, list(label_ids)].float()  # (n, 2): logits of A and B
+        out += (torch.sigmoid(pair[:, 0] - pair[:, 1]) - 0.5).tolist()  # P(A)/(P(A)+P(B))
+    return out
 
 
 class BradleyTerryNoise(RewardAnnotator):
@@ -318,7 +380,14 @@ def build_annotator(
     dtype = DTYPES[cfg.dtype]
     if cfg.type == "preference_model":
         return PreferenceModelAnnotator(
-            cfg.path, cfg.max_length, cfg.batch_size, device, dtype, field
+            cfg.path,
+            cfg.max_length,
+            cfg.batch_size,
+            device,
+            dtype,
+            field,
+            answer_prefix=cfg.answer_prefix,
+            labels=tuple(cfg.labels),
         )  # config forbids noise and length penalty here: they need rewards
     if cfg.type == "reward_model":
         annotator: RewardAnnotator = RewardModelAnnotator(

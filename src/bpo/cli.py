@@ -3,6 +3,8 @@
     bpo demo [--out DIR] [--quick]
     bpo sft CONFIG.yaml [key=value ...]
     bpo train CONFIG.yaml [key=value ...]
+    bpo train-rm CONFIG.yaml [key=value ...]
+    bpo train-pm CONFIG.yaml [key=value ...]
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
 
@@ -18,7 +20,14 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from bpo.config import ConfigError, SFTConfig, TrainConfig, load_config
+from bpo.config import (
+    ConfigError,
+    PreferenceModelConfig,
+    RewardModelConfig,
+    SFTConfig,
+    TrainConfig,
+    load_config,
+)
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -38,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in (
         ("sft", "supervised fine-tuning on demonstrations"),
         ("train", "online preference optimization (Algorithm 1)"),
+        ("train-rm", "Bradley-Terry reward model on preference pairs"),
+        ("train-pm", "pairwise preference model on preference pairs"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
@@ -63,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split(args.args)
             print(json.dumps(train(load_config(TrainConfig, path, overrides)), indent=2))
+        elif args.command == "train-rm":
+            from bpo.reward_model import train_reward_model
+
+            path, overrides = _split(args.args)
+            cfg = load_config(RewardModelConfig, path, overrides)
+            print(json.dumps(train_reward_model(cfg), indent=2))
+        elif args.command == "train-pm":
+            from bpo.reward_model import train_preference_model
+
+            path, overrides = _split(args.args)
+            cfg = load_config(PreferenceModelConfig, path, overrides)
+            print(json.dumps(train_preference_model(cfg), indent=2))
         elif args.command == "export":
             from bpo.export import export_run
 

@@ -7,6 +7,7 @@ Derived quantities (K, M, N_total) are properties, never settable.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -98,6 +99,11 @@ class AnnotatorConfig:
     """Reward r − coef·|y|, |y| in characters (RLHF Workflow, arXiv 2405.07863, Eq. 9); 0: none."""
     ties: Literal["drop", "random"] = "drop"
     """What to do with a pair the annotator scores equal."""
+    labels: list[str] = field(default_factory=lambda: ["A", "B"])
+    """A preference_model's answers "first is better" and "second is better": two single tokens
+    (as `bpo train-pm` trained it)."""
+    answer_prefix: str = " [BEST] "
+    """Text after the two responses that a preference_model's answer follows."""
 
     def __post_init__(self) -> None:
         _validate_annotator(self)
@@ -231,6 +237,108 @@ class SFTConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=1e-3")
 
 
+@dataclass
+class PairDataConfig:
+    """Preference pairs (x, y_w, y_l) to train a reward or preference model on."""
+
+    pool: str | None = None
+    """A `pool.jsonl` written by `bpo train`: train on its annotated pairs; None: make pairs from
+    `task`."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Built-in task whose alignment prompts each get two sampled candidate responses, labelled by
+    the task's gold reward (ties dropped). Only read when `pool` is None."""
+    eval_fraction: float = 0.1
+    """Fraction of the prompts held out (with all their pairs) to measure preference accuracy."""
+
+
+@dataclass
+class PairTrainingConfig:
+    """What reward-model and preference-model training share (RLHF Workflow, arXiv 2405.07863)."""
+
+    output_dir: str = MISSING
+    """Run directory; the trained model is saved under `model/`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    max_length: int = 640
+    """Most tokens per model input; longer inputs are truncated (as the annotator that loads the
+    model truncates), counted and warned of."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Preference pairs per optimizer step (also pairs per forward when evaluating)."""
+    lr: float = 2e-6
+    """AdamW learning rate (RLHFlow's 8B Bradley-Terry reward models use 2e-6)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps, then cosine decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 turns clipping off."""
+    eval_every: int = 0
+    """Measure held-out accuracy every this many optimizer steps (and at the end); 0: only at
+    the end."""
+    seed: int = 0
+    """Seed of a new head's initialisation, the candidate responses, the held-out split, the
+    order a preference model sees two responses in, and the data order."""
+    device: str = "auto"
+    """auto (accelerate picks), cpu or cuda."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """Mixed precision (accelerate)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "max_length")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=2e-6")
+        if self.eval_every < 0:
+            raise ConfigError(
+                f"eval_every: must be >= 0 (0: only at the end), got {self.eval_every}"
+            )
+        if not 0 < self.data.eval_fraction < 1:
+            raise ConfigError(
+                f"data.eval_fraction: must lie strictly between 0 and 1, got "
+                f"{self.data.eval_fraction}; the default holds out 0.1 of the prompts"
+            )
+        if self.data.pool is not None and self.data.task != TaskConfig():
+            raise ConfigError(
+                f"data.task: set but data.pool={self.data.pool!r} is used instead; remove "
+                "data.task or data.pool"
+            )
+
+
+@dataclass
+class RewardModelConfig(PairTrainingConfig):
+    """A Bradley-Terry reward model: a sequence classifier with one output trained by maximum
+    likelihood on preference pairs (RLHF Workflow, arXiv 2405.07863, Sec. 2)."""
+
+    output_dir: str = "runs/reward_model"
+    """Run directory; the reward model is saved under `model/` (load it with
+    `annotator.type=reward_model annotator.path=<output_dir>/model`)."""
+    encoding: Literal["pair", "chat"] = "pair"
+    """How the model reads (x, y), as `annotator.encoding`: the tokenizer's text pair or a
+    user/assistant chat through the tokenizer's chat template."""
+
+
+@dataclass
+class PreferenceModelConfig(PairTrainingConfig):
+    """A pairwise preference model: a causal LM trained to name the better of two shown responses
+    with its next token (RLHF Workflow, arXiv 2405.07863, Sec. 2)."""
+
+    output_dir: str = "runs/preference_model"
+    """Run directory; the preference model is saved under `model/` (load it with
+    `annotator.type=preference_model annotator.path=<output_dir>/model`)."""
+    lr: float = 5e-6
+    """AdamW learning rate (RLHFlow's 8B preference models use 5e-6)."""
+    labels: list[str] = field(default_factory=lambda: ["A", "B"])
+    """The answers "first is better" and "second is better": two single tokens of the
+    tokenizer, as `annotator.labels`."""
+    answer_prefix: str = " [BEST] "
+    """Text after the two responses that the answer follows, as `annotator.answer_prefix`."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _validate_labels(self.labels, "labels")
+
+
 _METHOD_F = {"offline_dpo": "1", "on_policy_dpo": "T", "on_policy_bpo": "T"}
 
 
@@ -331,7 +439,7 @@ def _validate_annotator(cfg: AnnotatorConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"annotator.{name}: must be >= 1, got {getattr(cfg, name)}")
     if cfg.type == "function":
-        unread = ("path", "encoding", "max_length", "batch_size", "dtype")
+        unread = ("path", "encoding", "max_length", "batch_size", "dtype", *_PM_ONLY)
         fix = " or set annotator.type to reward_model or preference_model"
     else:
         if cfg.function is not None:
@@ -343,17 +451,30 @@ def _validate_annotator(cfg: AnnotatorConfig) -> None:
             raise ConfigError(
                 f"annotator.path: annotator.type={cfg.type} needs the model's folder or Hub id"
             )
-        unread, fix = (), ""
+        unread, fix = _PM_ONLY, " or use annotator.type=preference_model"
         if cfg.type == "preference_model":
             unread = ("encoding", "noise_temperature", "length_penalty")
             fix = " or use annotator.type=reward_model, which gives rewards"
+            _validate_labels(cfg.labels, "annotator.labels")
     defaults = AnnotatorConfig.__dataclass_fields__
     for name in unread:
-        if getattr(cfg, name) != defaults[name].default:
+        if getattr(cfg, name) != _default(defaults[name]):
             raise ConfigError(
                 f"annotator.{name}: set to {getattr(cfg, name)!r} but annotator.type={cfg.type} "
                 f"does not read it; remove annotator.{name}{fix}"
             )
+
+
+_PM_ONLY = ("labels", "answer_prefix")
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _validate_labels(labels: list[str], name: str) -> None:
+    if len(labels) != 2 or labels[0] == labels[1]:
+        raise ConfigError(f"{name}: must be two distinct strings, got {labels}; e.g. {name}=[A,B]")
 
 
 def _positive(cfg: object, *names: str) -> None:
@@ -363,7 +484,7 @@ def _positive(cfg: object, *names: str) -> None:
             raise ConfigError(f"{name}: must be a positive integer, got {value}")
 
 
-C = TypeVar("C", TrainConfig, SFTConfig)
+C = TypeVar("C", TrainConfig, SFTConfig, RewardModelConfig, PreferenceModelConfig)
 
 
 def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
@@ -400,6 +521,6 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
-def to_yaml(cfg: TrainConfig | SFTConfig) -> str:
+def to_yaml(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> str:
     """The fully resolved config as YAML, readable back by `load_config`."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -122,6 +122,12 @@ def _demonstration(rng: random.Random, prompt: str) -> str:
     return " ".join(body)
 
 
+def noisy_summary(rng: random.Random, prompt: str) -> str:
+    """A candidate summary from the noisy summariser that writes the SFT demonstrations; two of
+    them per prompt, ranked by `reward`, make offline preference pairs."""
+    return _demonstration(rng, prompt)
+
+
 def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int = 256) -> Task:
     """The digest task, deterministic in `seed`, with no prompt shared between its three sets."""
     if min(n_sft, n_align, n_eval) < 0:
