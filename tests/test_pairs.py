@@ -70,3 +70,19 @@ def test_random_ties_keep_every_pair(train_config):
     cfg = train_config("ties", "method=offline_dpo", "annotator.ties=random")
     summary = train(cfg, progress=False)
     assert summary["dropped_ties"] == 0 and summary["pairs_annotated"] == 16
+
+
+def test_best_vs_worst_run_end_to_end(train_config):
+    from bpo.online import train
+
+    cfg = train_config("bvw", "method=on_policy_bpo", "pairs.samples_per_prompt=4",
+                       "pairs.temperatures=[1.0,0.7]")  # fmt: skip
+    summary = train(cfg, progress=False)
+    assert summary["pairs_annotated"] == 16
+    assert summary["responses_scored"] >= 2 * 16
+
+
+def test_temperatures_must_split_the_samples(train_config):
+    with pytest.raises(ConfigError, match=r"^pairs.temperatures: \[1.0, 0.7, 0.5\] must"):
+        train_config("bad", "method=bpo", "F=1", "pairs.samples_per_prompt=4",
+                     "pairs.temperatures=[1.0,0.7,0.5]")  # fmt: skip

@@ -110,6 +110,16 @@ class AnnotatorConfig:
 
 
 @dataclass
+class PairsConfig:
+    samples_per_prompt: int = 2
+    """Samples per prompt: 2 are compared by the annotator; with n > 2 the best against the
+    worst by reward (RLHF Workflow, arXiv 2405.07863, Algorithm 2)."""
+    temperatures: list[float] = field(default_factory=list)
+    """Split each prompt's samples evenly over these temperatures (RLHF Workflow: [1.0, 0.7]);
+    empty: all at sampling.temperature."""
+
+
+@dataclass
 class EvalConfig:
     every: int = 10
     """Evaluate every this many optimizer steps (and at the start and the end); 0: only at the
@@ -164,6 +174,7 @@ class TrainConfig:
     """Gradient clipping norm; 0 turns clipping off."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logprob_batch_size: int = 64
     """Most sequences per teacher-forced forward outside the update."""
@@ -428,6 +439,14 @@ def _validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.sampling.temperature <= 0:
         raise ConfigError(f"sampling.temperature: must be > 0, got {cfg.sampling.temperature}")
+    n, temperatures = cfg.pairs.samples_per_prompt, cfg.pairs.temperatures
+    if n < 2:
+        raise ConfigError(f"pairs.samples_per_prompt: must be >= 2, got {n}")
+    if temperatures and (n % len(temperatures) or min(temperatures) <= 0):
+        raise ConfigError(
+            f"pairs.temperatures: {list(temperatures)} must be > 0 and split "
+            f"samples_per_prompt={n} evenly; e.g. samples_per_prompt=8 temperatures=[1.0,0.7]"
+        )
 
 
 def _validate_annotator(cfg: AnnotatorConfig) -> None:

@@ -68,7 +68,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 # π_β ← π_θ: the current policy samples and scores its own pairs (lines 4–10)
                 pairs, stats = collect_pairs(
                     policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
-                    tie_rng, phase, cfg.logprob_batch_size,
+                    tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
+                    cfg.pairs.temperatures,
                 )  # fmt: skip
                 pool.add(pairs)
                 collected.add(stats)
@@ -107,6 +108,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "prompts_sampled": collected.prompts,
         "dropped_identical": collected.dropped_identical,
         "dropped_ties": collected.dropped_ties,
+        "responses_scored": collected.responses_scored,
         "win_rate": final_eval["eval/win_rate"],
         **{k.removeprefix("eval/"): v for k, v in final_eval.items() if k != "eval/win_rate"},
         "wall_seconds": time.perf_counter() - started,
