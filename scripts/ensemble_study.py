@@ -57,11 +57,6 @@ def evals(run_dir: Path) -> list[dict]:
     return [r for r in rows if "eval/win_rate" in r]
 
 
-def last_eval(run_dir: Path) -> dict:
-    """The final evaluation, or the last one before a collapse."""
-    return evals(run_dir)[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft-model", default="runs/demo/sft/model")
@@ -95,12 +90,16 @@ def main() -> None:
             ax.plot(steps, mean, marker="o", label=f"k = {k}")
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], alpha=0.2)  # fmt: skip
-            summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-            win = [100 * s["win_rate"] for s in summaries]
+            finals = [evals(r)[-1] for r in runs]  # the last evaluation, before any collapse
+            win = [100 * f["eval/win_rate"] for f in finals]
+            collapsed = [json.loads((r / "collapsed.json").read_text())["step"]
+                         for r in runs if (r / "collapsed.json").is_file()]  # fmt: skip
+            note = f" (collapsed at step {', '.join(map(str, collapsed))})" if collapsed else ""
             print(
                 f"| {method} | {k} | {statistics.mean(win):.1f} ± {statistics.pstdev(win):.1f} "
-                f"| {statistics.mean(s['reward'] for s in summaries):.3f} "
-                f"| {statistics.mean(s['kl_sft'] for s in summaries):.2f} | {len(runs)} |"
+                f"| {statistics.mean(f['eval/reward'] for f in finals):.3f} "
+                f"| {statistics.mean(f['eval/kl_sft'] for f in finals):.2f} "
+                f"| {len(runs)}{note} |"
             )
         ax.set_title(method.replace("_", " "))
         ax.set_xlabel("optimizer step")

@@ -74,6 +74,11 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     if not run.config.is_file():
         raise FileNotFoundError(f"run_dir: no config.yaml in {run.path}; give a run directory")
     raw = OmegaConf.load(run.config)
+    if "data" in raw:
+        raise FileNotFoundError(
+            f"run_dir: {run.path} trained a reward or preference model, not a policy; its held-out "
+            "accuracy is in summary.json"
+        )
     schema = TrainConfig if "method" in raw else SFTConfig
     cfg = load_config(schema, run.config)
     device = torch.device("cpu" if cfg.device == "cpu" or not torch.cuda.is_available() else "cuda")
