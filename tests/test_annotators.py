@@ -389,6 +389,7 @@ def test_noisy_run_labels_every_pair(train_config):
     assert summary["pairs_annotated"] == 16 and summary["dropped_ties"] == 0
     assert summary["annotator_calls"] >= 16
     assert {p.margin for p in PreferencePool.read(RunDir(cfg.output_dir).pool)} == {1.0}
+    assert "gold_win_rate" not in summary  # judged by the gold reward already
 
 
 def test_reward_model_run_labels_by_the_model(train_config, tmp_path):
@@ -404,5 +405,7 @@ def test_reward_model_run_labels_by_the_model(train_config, tmp_path):
     margins = rm.compare(prompts, [p.chosen for p in pairs], [p.rejected for p in pairs])
     assert margins == pytest.approx([p.margin for p in pairs], abs=1e-5)
     assert min(margins) > 0
-    again = evaluate_run(cfg.output_dir)  # the same judge as the run's evaluation
+    again = evaluate_run(cfg.output_dir)  # the same judges as the run's evaluation
     assert again["eval/reward"] == pytest.approx(summary["reward"], abs=1e-5)
+    assert again["eval/gold_win_rate"] == summary["gold_win_rate"]
+    assert -1.0 <= summary["gold_reward"] <= 1.0 and summary["gold_reward"] != summary["reward"]

@@ -90,3 +90,16 @@ def test_resolved_yaml_round_trips(tmp_path):
     again = load_config(TrainConfig, path)
     assert again == cfg
     assert again.loss == "dpo"
+
+
+def test_shipped_configs_load():
+    """Every YAML under configs/ is a valid config of its command."""
+    from pathlib import Path
+
+    from bpo.config import SFTConfig
+
+    configs = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        schema = SFTConfig if path.stem == "sft" else TrainConfig
+        load_config(schema, path)

@@ -42,22 +42,22 @@ def evaluate(
     sampling: SamplingConfig,
     sft_logps: LogpFn | None = None,
     logprob_batch_size: int = 64,
+    gold: RewardAnnotator | None = None,
 ) -> dict[str, float]:
-    """`eval/*` metrics of the policy on held-out prompts with references."""
+    """`eval/*` metrics of the policy on held-out prompts with references.
+
+    With `gold` (the task's gold reward, when the scorer is a learned model) the win rate is also
+    judged by it, as `eval/gold_win_rate`: the gap between the two is over-optimisation of the
+    learned judge.
+    """
     prompts = [e.prompt for e in examples]
     references = [e.response for e in examples]
     greedy = policy.generate(prompt_ids, sampling, greedy=True)
     texts = policy.decode(greedy)
     metrics: dict[str, float] = {"eval/length": sum(map(len, greedy)) / len(greedy)}
-    if isinstance(scorer, RewardAnnotator):
-        scores = scorer.score(prompts * 2, texts + references)
-        ours, theirs = scores[: len(texts)], scores[len(texts) :]
-        metrics["eval/reward"] = sum(ours) / len(ours)
-        metrics["eval/reference_reward"] = sum(theirs) / len(theirs)
-        wins = [a > b for a, b in zip(ours, theirs)]
-    else:
-        wins = [m > 0 for m in scorer.compare(prompts, texts, references)]
-    metrics["eval/win_rate"] = sum(wins) / len(wins)
+    metrics.update(_judge(scorer, prompts, texts, references, "eval/"))
+    if gold is not None:
+        metrics.update(_judge(gold, prompts, texts, references, "eval/gold_"))
     if sft_logps is not None:
         with torch.random.fork_rng(devices=[]):  # evaluation must not move training's RNG
             torch.manual_seed(EVAL_SEED)
@@ -65,6 +65,30 @@ def evaluate(
         ours = policy.logps_batched(prompt_ids, samples, logprob_batch_size)  # (N,)
         theirs = sft_logps(prompt_ids, samples)  # (N,)
         metrics["eval/kl_sft"] = (ours - theirs).mean().item()
+    return metrics
+
+
+def gold_judge(scorer: Annotator, task_reward: str) -> FunctionAnnotator | None:
+    """The task's gold reward as a second judge, unless it already is the scorer."""
+    if isinstance(scorer, FunctionAnnotator) and scorer.spec == task_reward:
+        return None
+    return FunctionAnnotator(task_reward, field="task")
+
+
+def _judge(
+    scorer: Annotator, prompts: list[str], texts: list[str], references: list[str], prefix: str
+) -> dict[str, float]:
+    """Win rate against the references (strictly higher wins) and, for rewards, the means."""
+    metrics = {}
+    if isinstance(scorer, RewardAnnotator):
+        scores = scorer.score(prompts * 2, texts + references)
+        ours, theirs = scores[: len(texts)], scores[len(texts) :]
+        metrics[f"{prefix}reward"] = sum(ours) / len(ours)
+        metrics[f"{prefix}reference_reward"] = sum(theirs) / len(theirs)
+        wins = [a > b for a, b in zip(ours, theirs)]
+    else:
+        wins = [m > 0 for m in scorer.compare(prompts, texts, references)]
+    metrics[f"{prefix}win_rate"] = sum(wins) / len(wins)
     return metrics
 
 
@@ -110,6 +134,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
         scorer,
         cfg.sampling,
         sft_logps,
+        gold=gold_judge(scorer, task.reward),
     )
     (run.path / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

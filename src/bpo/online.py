@@ -16,7 +16,7 @@ from transformers import get_constant_schedule_with_warmup
 
 from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
 from bpo.config import TrainConfig
-from bpo.evaluate import LogpFn, evaluate
+from bpo.evaluate import LogpFn, evaluate, gold_judge
 from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PromptSampler, collect_pairs
 from bpo.policy import Policy
@@ -36,6 +36,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if cfg.eval.scorer
         else evaluation_scorer(annotator)
     )
+    gold = gold_judge(scorer, task.reward)  # a learned judge is also checked against the gold
     eval_examples = task.eval[: cfg.eval.n_prompts]
     eval_ids = policy.encode_prompts([e.prompt for e in eval_examples])
     sft_logps = _sft_logps(cfg, policy, reference) if cfg.eval.kl else None
@@ -54,7 +55,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     def run_eval(step: int) -> dict:
         metrics = evaluate(
             policy, eval_examples, eval_ids, scorer, cfg.sampling, sft_logps,
-            cfg.logprob_batch_size,
+            cfg.logprob_batch_size, gold,
         )  # fmt: skip
         run.log({"step": step, **metrics})
         return metrics
