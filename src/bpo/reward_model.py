@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -51,6 +50,7 @@ from bpo.config import (
 from bpo.policy import DTYPES, disable_dropout
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
+from bpo.start import open_run
 from bpo.tasks import Task, load_task
 from bpo.tasks.digest import noisy_summary
 
@@ -241,9 +241,7 @@ def train_preference_model(cfg: PreferenceModelConfig, progress: bool = True) ->
 
 def _start(cfg: PairTrainingConfig) -> tuple[RunDir, Accelerator, PairData]:
     """Run directory (with the resolved config), device, seeded RNGs and the pairs."""
-    run = RunDir.create(cfg)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
-    set_seed(cfg.seed)
+    run, accelerator = open_run(cfg)
     return run, accelerator, load_pairs(cfg.data, cfg.seed)
 
 

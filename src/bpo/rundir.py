@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from bpo.config import SFTConfig, TrainConfig, to_yaml
+from bpo.config import PairTrainingConfig, SFTConfig, TrainConfig, to_yaml
 
 
 class RunDir:
@@ -17,7 +17,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, cfg: TrainConfig | SFTConfig) -> RunDir:
+    def create(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
         """A fresh run directory holding the resolved config; refuses to mix two runs."""
         run = cls(cfg.output_dir)
         if run.metrics.exists():
