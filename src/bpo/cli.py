@@ -1,6 +1,6 @@
 """The `bpo` command: a thin layer over the Python API.
 
-    bpo demo [--out DIR] [--quick]
+    bpo demo [--out DIR] [--quick] [--task NAME]
     bpo sft CONFIG.yaml [key=value ...]
     bpo train CONFIG.yaml [key=value ...]
     bpo train-rm CONFIG.yaml [key=value ...]
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="SFT, offline DPO, on-policy DPO and BPO on `digest`")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    demo.add_argument("--task", default="digest", help="built-in task (default digest)")
     for name, help_text in (
         ("sft", "supervised fine-tuning on demonstrations"),
         ("train", "online preference optimization (Algorithm 1)"),
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from bpo.demo import run_demo
 
-            run_demo(args.out, quick=args.quick)
+            run_demo(args.out, quick=args.quick, task=args.task)
         elif args.command == "sft":
             from bpo.sft import sft
 

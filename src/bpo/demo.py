@@ -13,7 +13,7 @@ from pathlib import Path
 from bpo.config import SFTConfig, TrainConfig, load_config
 from bpo.online import train
 from bpo.sft import sft
-from bpo.tasks.digest import build_tokenizer
+from bpo.tasks import task_tokenizer
 from bpo.tiny import build_tiny_llama
 
 DEMO_MODEL = {"hidden_size": 96, "num_layers": 3, "num_heads": 3}
@@ -41,8 +41,9 @@ def run_demo(
     methods: tuple[str, ...] = DEMO_METHODS,
     progress: bool = True,
     quick: bool = False,
+    task: str = "digest",
 ) -> list[dict]:
-    """Run the demo into `out` and return one summary per stage (SFT first).
+    """Run the demo on the built-in `task` into `out`; return one summary per stage (SFT first).
 
     `quick` shrinks the model, the data and T to a seconds-long check of an installation.
     """
@@ -51,8 +52,10 @@ def run_demo(
     if quick:
         sft_overrides = [*QUICK_SFT, *sft_overrides]
         train_overrides = [*QUICK_TRAIN, *train_overrides]
+    sft_overrides = [f"task.name={task}", *sft_overrides]
+    train_overrides = [f"task.name={task}", *train_overrides]
     model = QUICK_MODEL if quick else DEMO_MODEL
-    base = build_tiny_llama(build_tokenizer(), out / "base", **model)
+    base = build_tiny_llama(task_tokenizer(task), out / "base", **model)
     sft_cfg = load_config(
         SFTConfig,
         overrides=[f"output_dir={out / 'sft'}", f"model.path={base}", *DEMO_SFT, *sft_overrides],

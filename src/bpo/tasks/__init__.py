@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,23 @@ class Task:
     reward: str
 
 
+# name -> module; each module has make_task(seed, n_sft, n_align, n_eval) and build_tokenizer().
+TASKS = {
+    "digest": "bpo.tasks.digest",  # summarisation stand-in (TL;DR)
+}
+
+
+def _module(name: str):
+    if name not in TASKS:
+        raise ValueError(f"task.name: unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name])
+
+
 def load_task(name: str, seed: int, n_sft: int, n_align: int, n_eval: int) -> Task:
     """Build the built-in task `name` from its seed."""
-    if name == "digest":
-        from bpo.tasks.digest import make_task
+    return _module(name).make_task(seed=seed, n_sft=n_sft, n_align=n_align, n_eval=n_eval)
 
-        return make_task(seed=seed, n_sft=n_sft, n_align=n_align, n_eval=n_eval)
-    raise ValueError(f"task.name: unknown task {name!r}; built-in tasks: digest")
+
+def task_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of the built-in task `name`, for building its tiny model."""
+    return _module(name).build_tokenizer()

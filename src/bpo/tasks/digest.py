@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from bpo.tasks import Example, Task
+from bpo.tasks import Example, Task, wordlevel
 
 TOPIC_WORDS = tuple(
     "rent landlord lease roommate neighbor house job boss interview school exam teacher "
@@ -27,8 +26,8 @@ FILLER_WORDS = tuple(
 )
 PROMPT_END = "tl;dr:"
 SUMMARY_END = "."
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0-3, pad first
-VOCAB = SPECIAL_TOKENS + TOPIC_WORDS + FILLER_WORDS + (PROMPT_END, SUMMARY_END)
+WORDS = TOPIC_WORDS + FILLER_WORDS + (PROMPT_END, SUMMARY_END)
+VOCAB = wordlevel.SPECIAL_TOKENS + WORDS
 
 _TOPICS = frozenset(TOPIC_WORDS)
 POST_LENGTH = (24, 48)  # words, drawn uniformly
@@ -155,25 +154,5 @@ def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over VOCAB that prepends `<bos>` when special tokens are added.
-
-    Prompts are encoded with `add_special_tokens=True` (`<bos>` first) and responses with
-    `add_special_tokens=False`; decoding joins words with single spaces, so
-    `decode(ids, skip_special_tokens=True)` of a summary gives the summary back.
-    """
-    vocab = {w: i for i, w in enumerate(VOCAB)}
-    pad, bos, eos, unk = SPECIAL_TOKENS
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # No decoder: the tokenizers library then joins tokens with single spaces, which is exact here.
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        clean_up_tokenization_spaces=False,  # would glue `.` to the word before it
-    )
+    """The word-level tokenizer over digest's words (`bpo.tasks.wordlevel`)."""
+    return wordlevel.build_tokenizer(WORDS)
