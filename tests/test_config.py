@@ -96,10 +96,15 @@ def test_shipped_configs_load():
     """Every YAML under configs/ is a valid config of its command."""
     from pathlib import Path
 
-    from bpo.config import SFTConfig
+    from bpo.config import ExperimentConfig, SFTConfig
+    from bpo.experiments import cells, train_config
 
     configs = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
     assert configs
     for path in configs:
+        if path.parent.name == "study":  # experiments: every run's config must load too
+            experiment = load_config(ExperimentConfig, path)
+            assert all(train_config(experiment, cell) for cell in cells(experiment))
+            continue
         schema = SFTConfig if path.stem == "sft" else TrainConfig
         load_config(schema, path)

@@ -5,6 +5,7 @@
     bpo train CONFIG.yaml [key=value ...]
     bpo train-rm CONFIG.yaml [key=value ...]
     bpo train-pm CONFIG.yaml [key=value ...]
+    bpo experiment CONFIG.yaml [key=value ...] [--retry-failed]
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
 
@@ -22,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from bpo.config import (
     ConfigError,
+    ExperimentConfig,
     PreferenceModelConfig,
     RewardModelConfig,
     SFTConfig,
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    xp = sub.add_parser("experiment", help="a grid of runs with statistics, RESULTS.md, plots")
+    xp.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    xp.add_argument("--retry-failed", action="store_true", help="train failed runs again")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
     ex = sub.add_parser("export", help="a LoRA run as merged/, adapter/ (peft) and members/")
@@ -87,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             path, overrides = _split(args.args)
             cfg = load_config(PreferenceModelConfig, path, overrides)
             print(json.dumps(train_preference_model(cfg), indent=2))
+        elif args.command == "experiment":
+            from bpo.experiments import run_experiment
+
+            path, overrides = _split(args.args)
+            cfg = load_config(ExperimentConfig, path, overrides)
+            rows = run_experiment(cfg, retry_failed=args.retry_failed)
+            print(f"{len(rows)} runs; results in {cfg.output_dir}/RESULTS.md and results.csv")
         elif args.command == "export":
             from bpo.export import export_run
 

@@ -7,9 +7,10 @@ Derived quantities (K, M, N_total) are properties, never settable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
@@ -53,7 +54,7 @@ class LoraConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["digest"] = "digest"
+    name: Literal["digest", "quiz", "guard"] = "digest"
     """Built-in task providing prompts, demonstrations, references and the gold reward."""
     seed: int = 0
     """Seed of the task's data generator (independent of the run's seed)."""
@@ -357,8 +358,61 @@ class PreferenceModelConfig(PairTrainingConfig):
 C = TypeVar("C", TrainConfig, SFTConfig, RewardModelConfig, PreferenceModelConfig)
 
 
-def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
-    """Merge the schema's defaults, a YAML file and `key=value` overrides into a checked config."""
+@dataclass
+class BaseModelConfig:
+    """The tiny Llama an experiment builds for each built-in task to train its SFT model on."""
+
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 3
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid of `bpo train` runs: tasks × methods × losses × F × seeds × any other field."""
+
+    output_dir: str = "runs/experiment"
+    """Experiment directory: runs/, results.csv, RESULTS.md and the plots."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields every run shares (nested, as in a `bpo train` YAML)."""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Dotted TrainConfig field -> values; one run per combination. String values may name other
+    fields of the run in braces, e.g. `runs/{task.name}/seed{seed}`."""
+    sft: dict[str, Any] | None = None
+    """SFTConfig fields of the per-task SFT model every run starts from (a tiny model is built
+    first); None: the runs use `train.model.path` as it is."""
+    sft_dir: str | None = None
+    """Where the per-task SFT models are kept, shared between experiments; None: output_dir/sft."""
+    base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    workers: int = 2
+    """Runs trained side by side, in separate processes; each gets cores / workers threads."""
+    score: str = "win_rate"
+    """The summary.json figure the statistics and plots compare."""
+    versus: list[list[str]] = field(default_factory=list)
+    """Head-to-head comparisons: pairs of `compare_by` values, e.g. [[on_policy_bpo, sft]]."""
+    compare_by: str = "method"
+    """The grid field whose values `versus` names."""
+    n_resamples: int = 10_000
+    """Bootstrap resamples for the confidence intervals."""
+
+    def __post_init__(self) -> None:
+        positive(self, "workers", "n_resamples")
+        for key, values in self.grid.items():
+            if not values:
+                raise ConfigError(f"grid.{key}: no values; give a list such as [0, 1, 2]")
+        for pair in self.versus:
+            if len(pair) != 2:
+                raise ConfigError(f"versus: {pair} is not a pair; write [a, b]")
+
+
+def load_config(
+    schema: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> C:
+    """Merge the schema's defaults, a YAML file, nested `values` and `key=value` overrides, in
+    that order, into a checked config."""
     layers = [OmegaConf.structured(schema)]
     where = "config"
     try:
@@ -367,6 +421,9 @@ def load_config(schema: type[C], path: str | Path | None = None, overrides: list
                 raise ConfigError(f"config: no file at {path}; give the path of a YAML config")
             where = str(path)
             layers.append(OmegaConf.load(path))
+        if values:
+            where = "experiment config"
+            layers.append(OmegaConf.create(dict(values)))
         if overrides:
             where = "command line"
             bad = [o for o in overrides if "=" not in o]
@@ -391,6 +448,6 @@ def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
-def to_yaml(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> str:
+def to_yaml(cfg: TrainConfig | SFTConfig | PairTrainingConfig | ExperimentConfig) -> str:
     """The fully resolved config as YAML, readable back by `load_config`."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -43,12 +43,14 @@ def evaluate(
     sft_logps: LogpFn | None = None,
     logprob_batch_size: int = 64,
     gold: RewardAnnotator | None = None,
+    outputs: Path | None = None,
 ) -> dict[str, float]:
     """`eval/*` metrics of the policy on held-out prompts with references.
 
     With `gold` (the task's gold reward, when the scorer is a learned model) the win rate is also
     judged by it, as `eval/gold_win_rate`: the gap between the two is over-optimisation of the
-    learned judge.
+    learned judge. With `outputs`, the greedy responses and their gold (else scorer) rewards are
+    written there as JSON lines, for head-to-head comparisons between runs.
     """
     prompts = [e.prompt for e in examples]
     references = [e.response for e in examples]
@@ -58,6 +60,8 @@ def evaluate(
     metrics.update(_judge(scorer, prompts, texts, references, "eval/"))
     if gold is not None:
         metrics.update(_judge(gold, prompts, texts, references, "eval/gold_"))
+    if outputs is not None:
+        _write_outputs(outputs, gold or scorer, prompts, texts)
     if sft_logps is not None:
         with torch.random.fork_rng(devices=[]):  # evaluation must not move training's RNG
             torch.manual_seed(EVAL_SEED)
@@ -90,6 +94,18 @@ def _judge(
         wins = [m > 0 for m in scorer.compare(prompts, texts, references)]
     metrics[f"{prefix}win_rate"] = sum(wins) / len(wins)
     return metrics
+
+
+def _write_outputs(path: Path, judge: Annotator, prompts: list[str], texts: list[str]) -> None:
+    """One JSON line per prompt: the greedy response and its reward (None for a pairwise judge)."""
+    scores = (
+        judge.score(prompts, texts) if isinstance(judge, RewardAnnotator) else [None] * len(texts)
+    )
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for prompt, text, score in zip(prompts, texts, scores):
+            f.write(json.dumps({"prompt": prompt, "response": text, "reward": score}) + "\n")
+    tmp.replace(path)
 
 
 def evaluate_run(run_dir: str | Path) -> dict[str, float]:
@@ -135,6 +151,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
         cfg.sampling,
         sft_logps,
         gold=gold_judge(scorer, task.reward),
+        outputs=run.eval_outputs,
     )
     (run.path / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

@@ -55,7 +55,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     def run_eval(step: int) -> dict:
         metrics = evaluate(
             policy, eval_examples, eval_ids, scorer, cfg.sampling, sft_logps,
-            cfg.logprob_batch_size, gold,
+            cfg.logprob_batch_size, gold, run.eval_outputs if step == cfg.T else None,
         )  # fmt: skip
         run.log({"step": step, **metrics})
         return metrics

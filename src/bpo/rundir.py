@@ -46,6 +46,11 @@ class RunDir:
         return self.path / "pool.jsonl"
 
     @property
+    def eval_outputs(self) -> Path:
+        """The final evaluation's greedy responses and rewards, one JSON line per prompt."""
+        return self.path / "eval_outputs.jsonl"
+
+    @property
     def policy(self) -> Path:
         """The final checkpoint: a LoRA adapter or a full model, with the tokenizer."""
         return self.path / "policy"

@@ -84,6 +84,7 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
         policy.encode_prompts([e.prompt for e in eval_examples]),
         scorer,
         cfg.sampling,
+        outputs=run.eval_outputs,
     )
     run.log({"step": step, **metrics})
     summary = {

@@ -1,0 +1,217 @@
+"""`bpo experiment`: a grid of `bpo train` runs, trained side by side, resumable, summarised.
+
+The grid is the product of `grid`'s value lists over `train`'s shared fields. Each run gets its
+own run directory under `runs/`, named by its grid values. A run is finished when it has a
+`summary.json` (or a `failed.json`, for a run that stopped with an error: the policy collapsed,
+say); an experiment started again skips finished runs and trains unfinished ones from the start.
+Every built-in task's SFT model is trained once, before the runs that start from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from bpo.config import ConfigError, ExperimentConfig, SFTConfig, TrainConfig, load_config
+
+RESULT_FIELDS = (  # summary.json figures copied into results.csv, after the grid's fields
+    "win_rate", "reward", "reference_reward", "kl_sft", "length", "pairs_annotated",
+    "annotation_phases", "annotator_calls", "T", "B", "N_total", "wall_seconds",
+)  # fmt: skip
+_PLACEHOLDER = re.compile(r"\{([\w.]+)\}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its grid values and its run directory."""
+
+    values: dict[str, Any]
+    path: Path
+
+    @property
+    def status(self) -> str:
+        if (self.path / "summary.json").is_file():
+            return "done"
+        if (self.path / "failed.json").is_file():
+            return "failed"
+        return "pending"
+
+
+def cells(cfg: ExperimentConfig) -> list[Cell]:
+    """The grid's runs in a fixed order (the product of the value lists, first key slowest)."""
+    keys = list(cfg.grid)
+    runs = Path(cfg.output_dir) / "runs"
+    out = []
+    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        name = ",".join(f"{k}={v}" for k, v in values.items()) or "run"
+        out.append(Cell(values, runs / name))
+    return out
+
+
+def _lookup(values: dict[str, Any], train: dict[str, Any], key: str) -> Any:
+    """A run's value of the dotted field `key`: its grid value, else the shared one."""
+    if key in values:
+        return values[key]
+    found = OmegaConf.select(OmegaConf.create(train), key)
+    if found is None:
+        raise ConfigError(f"grid: `{{{key}}}` names a field that neither grid nor train sets")
+    return found
+
+
+def _fill(value: Any, values: dict[str, Any], train: dict[str, Any]) -> Any:
+    """`value` with each `{field}` replaced by the run's value of that field."""
+    if not isinstance(value, str):
+        return value
+    return _PLACEHOLDER.sub(lambda m: str(_lookup(values, train, m.group(1))), value)
+
+
+def sft_path(cfg: ExperimentConfig, task: str) -> Path:
+    """The folder of the built-in `task`'s SFT run (its model is under `model/`)."""
+    return Path(cfg.sft_dir or Path(cfg.output_dir) / "sft") / task
+
+
+def train_config(cfg: ExperimentConfig, cell: Cell) -> TrainConfig:
+    """The full TrainConfig of one run: shared fields, then the run's grid values."""
+    values = OmegaConf.create(cfg.train)
+    for key, value in cell.values.items():
+        OmegaConf.update(values, key, _fill(value, cell.values, cfg.train), merge=True)
+    if cfg.sft is not None and "model.path" not in cell.values:
+        task = OmegaConf.select(values, "task.name", default="digest")
+        OmegaConf.update(values, "model.path", str(sft_path(cfg, task) / "model"))
+    values.output_dir = str(cell.path)
+    return load_config(TrainConfig, values=OmegaConf.to_container(values))
+
+
+def _run_sft(args: tuple[ExperimentConfig, str, int]) -> str:
+    """Build the task's tiny model and train its SFT model (in a worker process)."""
+    cfg, task, threads = args
+    _quiet_worker(threads)
+    from bpo.sft import sft
+    from bpo.tasks import task_tokenizer
+    from bpo.tiny import build_tiny_llama
+
+    out = sft_path(cfg, task)
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished SFT run starts again
+    base = build_tiny_llama(
+        task_tokenizer(task),
+        out.parent / f"{task}-base",
+        hidden_size=cfg.base_model.hidden_size,
+        num_layers=cfg.base_model.num_layers,
+        num_heads=cfg.base_model.num_heads,
+    )
+    sft_cfg = load_config(
+        SFTConfig,
+        values=cfg.sft,
+        overrides=[f"output_dir={out}", f"model.path={base}", f"task.name={task}"],
+    )
+    sft(sft_cfg, progress=False)
+    return task
+
+
+def _run_cell(args: tuple[TrainConfig, int]) -> tuple[str, str]:
+    """Train one run (in a worker process); a run that raises is recorded in failed.json."""
+    cfg, threads = args
+    _quiet_worker(threads)
+    from bpo.online import train
+
+    path = Path(cfg.output_dir)
+    shutil.rmtree(path, ignore_errors=True)  # an unfinished run starts again
+    try:
+        train(cfg, progress=False)
+    except (RuntimeError, ValueError, OSError) as e:  # collapse, bad value, missing file
+        (path / "failed.json").write_text(
+            json.dumps({"error": type(e).__name__, "message": str(e)}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        return cfg.output_dir, "failed"
+    return cfg.output_dir, "done"
+
+
+def _quiet_worker(threads: int) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def run_experiment(
+    cfg: ExperimentConfig, retry_failed: bool = False, progress: bool = True
+) -> list[dict]:
+    """Train every unfinished run of the grid, then write results.csv, RESULTS.md and plots.
+
+    Returns the rows of results.csv.
+    """
+    from bpo.report import write_report
+
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "experiment.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    grid = cells(cfg)
+    configs = {cell.path: train_config(cfg, cell) for cell in grid}  # all checked before any run
+    if retry_failed:
+        for cell in grid:
+            if cell.status == "failed":
+                shutil.rmtree(cell.path)
+    pending = [c for c in grid if c.status == "pending"]
+    threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
+        if cfg.sft is not None:
+            tasks = sorted({configs[c.path].task.name for c in pending})
+            todo = [t for t in tasks if not (sft_path(cfg, t) / "summary.json").is_file()]
+            jobs = [pool.submit(_run_sft, (cfg, t, threads)) for t in todo]
+            for job in tqdm(as_completed(jobs), total=len(jobs), desc="SFT", disable=not progress):
+                job.result()
+        jobs = [pool.submit(_run_cell, (configs[c.path], threads)) for c in pending]
+        bar = tqdm(total=len(grid), initial=len(grid) - len(pending), desc="runs",
+                   disable=not progress)  # fmt: skip
+        failed = 0
+        for job in as_completed(jobs):
+            failed += job.result()[1] == "failed"
+            bar.update()
+            bar.set_postfix(failed=failed)
+        bar.close()
+    rows = list(_rows(grid, configs))
+    write_results_csv(root / "results.csv", rows)
+    write_report(cfg, rows, wall_seconds=time.perf_counter() - started)
+    return rows
+
+
+def _rows(grid: list[Cell], configs: dict[Path, TrainConfig]) -> Iterator[dict]:
+    """One results.csv row per run: task, grid values, status, run directory, summary figures."""
+    for cell in grid:
+        task = {"task.name": configs[cell.path].task.name}
+        row = {**task, **cell.values, "status": cell.status, "run_dir": str(cell.path)}
+        if cell.status == "done":
+            summary = json.loads((cell.path / "summary.json").read_text())
+            row.update({k: summary.get(k) for k in RESULT_FIELDS})
+        elif cell.status == "failed":
+            row["error"] = json.loads((cell.path / "failed.json").read_text())["message"]
+        yield row
+
+
+def write_results_csv(path: Path, rows: list[dict]) -> None:
+    """results.csv with the union of the rows' columns, written atomically."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
