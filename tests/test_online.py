@@ -138,3 +138,27 @@ def test_same_seed_same_metrics(train_config):
     train(b, progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]  # noqa: E731
     assert strip(RunDir(a.output_dir).read_metrics()) == strip(RunDir(b.output_dir).read_metrics())
+
+
+def test_final_greedy_outputs_are_kept_with_their_gold_rewards(train_config):
+    from bpo.tasks.digest import reward
+
+    cfg = train_config("outputs", "method=on_policy_bpo")
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in RunDir(cfg.output_dir).eval_outputs.open()]
+    assert len(rows) == cfg.eval.n_prompts
+    assert all(r["reward"] == reward(r["prompt"], r["response"]) for r in rows)
+
+
+def test_a_collapsed_policy_stops_the_run_and_keeps_it(train_config):
+    """top_k = 1 samples one response per prompt: no pair can be formed, so the run stops at its
+    first phase with a warning, evaluates, and says where it stopped."""
+    cfg = train_config("collapsed", "method=on_policy_bpo", "sampling.top_k=1")
+    with pytest.warns(UserWarning, match="stopping after 0 of 4 steps"):
+        summary = train(cfg, progress=False)
+    assert summary["collapsed_at_step"] == 0 and summary["pairs_used"] == 0
+    assert RunDir(cfg.output_dir).eval_outputs.is_file()
+    assert (
+        train(train_config("fine", "method=on_policy_bpo"), progress=False)["collapsed_at_step"]
+        is None
+    )

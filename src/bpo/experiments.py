@@ -30,7 +30,8 @@ from bpo.config import ConfigError, ExperimentConfig, SFTConfig, TrainConfig, lo
 
 RESULT_FIELDS = (  # summary.json figures copied into results.csv, after the grid's fields
     "win_rate", "reward", "reference_reward", "kl_sft", "length", "pairs_annotated",
-    "annotation_phases", "annotator_calls", "T", "B", "N_total", "wall_seconds",
+    "annotation_phases", "annotator_calls", "T", "B", "N_total", "collapsed_at_step",
+    "wall_seconds",
 )  # fmt: skip
 _PLACEHOLDER = re.compile(r"\{([\w.]+)\}")
 

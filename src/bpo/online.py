@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -18,7 +19,7 @@ from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
 from bpo.config import TrainConfig
 from bpo.evaluate import LogpFn, evaluate, gold_judge
 from bpo.losses import DAPLoss, get_loss
-from bpo.pairs import CollectionStats, PromptSampler, collect_pairs
+from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs
 from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference
@@ -51,11 +52,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     )
     tie_rng = random.Random(cfg.seed)
     collected = CollectionStats()
+    collapsed_at = None  # the step at which a phase found no pairs, if one did
 
-    def run_eval(step: int) -> dict:
+    def run_eval(step: int, final: bool = False) -> dict:
         metrics = evaluate(
             policy, eval_examples, eval_ids, scorer, cfg.sampling, sft_logps,
-            cfg.logprob_batch_size, gold, run.eval_outputs if step == cfg.T else None,
+            cfg.logprob_batch_size, gold, run.eval_outputs if final else None,
         )  # fmt: skip
         run.log({"step": step, **metrics})
         return metrics
@@ -67,11 +69,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
                 phase = t // cfg.K
                 # π_β ← π_θ: the current policy samples and scores its own pairs (lines 4–10)
-                pairs, stats = collect_pairs(
-                    policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
-                    tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
-                    cfg.pairs.temperatures,
-                )  # fmt: skip
+                try:
+                    pairs, stats = collect_pairs(
+                        policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
+                        tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
+                        cfg.pairs.temperatures,
+                    )  # fmt: skip
+                except PolicyCollapsed as e:  # nothing left to learn from: stop, keep the run
+                    warnings.warn(f"{e}; stopping after {t} of {cfg.T} steps", stacklevel=1)
+                    collapsed_at = t
+                    break
                 pool.add(pairs)
                 collected.add(stats)
             batch = PairBatch(pool.pop(cfg.B), policy.device, policy.pad_id)  # line 12
@@ -90,7 +97,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}")
         last = t + 1 == cfg.T
         if last or (cfg.eval.every and (t + 1) % cfg.eval.every == 0):
-            final_eval = run_eval(t + 1)
+            final_eval = run_eval(t + 1, final=last)
+    if collapsed_at is not None:
+        final_eval = run_eval(collapsed_at, final=True)
     policy.save(run.policy)
     summary = {
         "method": cfg.method,
@@ -110,6 +119,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "dropped_identical": collected.dropped_identical,
         "dropped_ties": collected.dropped_ties,
         "responses_scored": collected.responses_scored,
+        "collapsed_at_step": collapsed_at,
         "win_rate": final_eval["eval/win_rate"],
         **{k.removeprefix("eval/"): v for k, v in final_eval.items() if k != "eval/win_rate"},
         "wall_seconds": time.perf_counter() - started,

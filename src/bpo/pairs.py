@@ -19,6 +19,10 @@ from bpo.policy import Policy
 from bpo.pool import PreferencePair
 
 
+class PolicyCollapsed(RuntimeError):
+    """An annotation phase found too few distinct, untied pairs: π_β samples one response."""
+
+
 class PromptSampler:
     """Draws prompts without replacement from a seeded permutation, reshuffled each epoch."""
 
@@ -120,7 +124,7 @@ def collect_pairs(
                 )
             )
     if len(pairs) < n_pairs:
-        raise RuntimeError(
+        raise PolicyCollapsed(
             f"annotation phase {phase}: only {len(pairs)} of {n_pairs} pairs after {max_rounds} "
             f"rounds ({stats.dropped_identical} identical, {stats.dropped_ties} ties dropped); "
             "the policy may have collapsed to one response: raise sampling.temperature or set "

@@ -62,6 +62,17 @@ def write_report(cfg: ExperimentConfig, rows: list[dict], wall_seconds: float) -
         lines += ["Failed runs:", ""]
         lines += [f"- `{Path(r['run_dir']).name}`: {r.get('error', '')}" for r in failed]
         lines.append("")
+    collapsed = [r for r in done if r.get("collapsed_at_step") is not None]
+    if collapsed:
+        lines += [
+            "Runs that stopped early because the policy collapsed to one response per prompt",
+            "(no pair left to annotate; their last evaluation counts):",
+            "",
+        ]
+        lines += [
+            f"- `{Path(r['run_dir']).name}` at step {r['collapsed_at_step']}" for r in collapsed
+        ]
+        lines.append("")
     lines += _cell_section(cfg, done)
     if len({r.get(REPLICATE) for r in done}) > 1:
         lines += _aggregate_section(cfg, done, root)

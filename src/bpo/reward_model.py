@@ -51,8 +51,7 @@ from bpo.policy import DTYPES, disable_dropout
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
 from bpo.start import open_run
-from bpo.tasks import Task, load_task
-from bpo.tasks.digest import noisy_summary
+from bpo.tasks import Task, load_task, task_demonstrator
 
 
 class Pair(NamedTuple):
@@ -92,9 +91,10 @@ def task_pairs(task: Task, rng: random.Random) -> tuple[list[Pair], int]:
     """Two candidate responses per alignment prompt, the one with the higher gold reward chosen;
     returns the pairs and how many were dropped as ties (identical candidates among them)."""
     reward = load_function(task.reward, "data.task")
+    demonstrate = task_demonstrator(task.name)
     pairs, ties = [], 0
     for prompt in task.align_prompts:
-        a, b = noisy_summary(rng, prompt), noisy_summary(rng, prompt)  # digest: the only task
+        a, b = demonstrate(rng, prompt), demonstrate(rng, prompt)
         r_a, r_b = reward(prompt, a), reward(prompt, b)
         if r_a == r_b:
             ties += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerFast
@@ -31,9 +33,12 @@ class Task:
     reward: str
 
 
-# name -> module; each module has make_task(seed, n_sft, n_align, n_eval) and build_tokenizer().
+# name -> module; each module has make_task(seed, n_sft, n_align, n_eval), build_tokenizer() and
+# demonstrate(rng, prompt), the noisy demonstrator that writes its SFT data.
 TASKS = {
     "digest": "bpo.tasks.digest",  # summarisation stand-in (TL;DR)
+    "quiz": "bpo.tasks.quiz",  # helpfulness stand-in: questions with a checkable answer
+    "guard": "bpo.tasks.guard",  # harmlessness stand-in: refuse to leak a secret, help otherwise
 }
 
 
@@ -46,6 +51,11 @@ def _module(name: str):
 def load_task(name: str, seed: int, n_sft: int, n_align: int, n_eval: int) -> Task:
     """Build the built-in task `name` from its seed."""
     return _module(name).make_task(seed=seed, n_sft=n_sft, n_align=n_align, n_eval=n_eval)
+
+
+def task_demonstrator(name: str) -> Callable[[random.Random, str], str]:
+    """The noisy demonstrator of the built-in task `name`: `demonstrate(rng, prompt) -> str`."""
+    return _module(name).demonstrate
 
 
 def task_tokenizer(name: str) -> PreTrainedTokenizerFast:

@@ -107,8 +107,9 @@ def _reference(prompt: str) -> str:
     return " ".join([*keys[:-1], SUMMARY_END])
 
 
-def _demonstration(rng: random.Random, prompt: str) -> str:
-    """An SFT demonstration from a noisy summariser: usually partly right, rarely ideal."""
+def demonstrate(rng: random.Random, prompt: str) -> str:
+    """An SFT demonstration from a noisy summariser: usually partly right, rarely ideal. Two of
+    them per prompt, ranked by `reward`, make offline preference pairs."""
     keys, distractors = _topics(prompt)
     kept = [w for w in keys if rng.random() < 0.6] or [rng.choice(keys)]
     body = list(kept)
@@ -119,12 +120,6 @@ def _demonstration(rng: random.Random, prompt: str) -> str:
     if rng.random() < 0.95:
         body.append(SUMMARY_END)
     return " ".join(body)
-
-
-def noisy_summary(rng: random.Random, prompt: str) -> str:
-    """A candidate summary from the noisy summariser that writes the SFT demonstrations; two of
-    them per prompt, ranked by `reward`, make offline preference pairs."""
-    return _demonstration(rng, prompt)
 
 
 def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int = 256) -> Task:
@@ -146,7 +141,7 @@ def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int
     sft, align, evaluation = fresh_prompts(n_sft), fresh_prompts(n_align), fresh_prompts(n_eval)
     return Task(
         name="digest",
-        sft=[Example(p, _demonstration(rng, p)) for p in sft],
+        sft=[Example(p, demonstrate(rng, p)) for p in sft],
         align_prompts=align,
         eval=[Example(p, _reference(p)) for p in evaluation],
         reward="bpo.tasks.digest:reward",
