@@ -33,6 +33,43 @@ class Task:
     reward: str
 
 
+def draw_task(
+    name: str,
+    seed: int,
+    sizes: tuple[int, int, int],
+    prompt: Callable[[random.Random], str],
+    demonstrate: Callable[[random.Random, str], str],
+    reference: Callable[[str], str],
+) -> Task:
+    """A built-in task from its prompt generator, demonstrator and reference writer.
+
+    Draws n_sft, n_align and n_eval distinct prompts (`sizes`), in that order, from one RNG seeded
+    with `seed`, so no prompt is in two sets; then a demonstration for each SFT prompt.
+    """
+    if min(sizes) < 0:
+        raise ValueError(f"set sizes must be >= 0, got n_sft, n_align, n_eval = {sizes}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def fresh_prompts(n: int) -> list[str]:
+        prompts = []
+        while len(prompts) < n:
+            p = prompt(rng)
+            if p not in seen:
+                seen.add(p)
+                prompts.append(p)
+        return prompts
+
+    sft, align, evaluation = (fresh_prompts(n) for n in sizes)
+    return Task(
+        name=name,
+        sft=[Example(p, demonstrate(rng, p)) for p in sft],
+        align_prompts=align,
+        eval=[Example(p, reference(p)) for p in evaluation],
+        reward=f"bpo.tasks.{name}:reward",
+    )
+
+
 # name -> module; each module has make_task(seed, n_sft, n_align, n_eval), build_tokenizer() and
 # demonstrate(rng, prompt), the noisy demonstrator that writes its SFT data.
 TASKS = {

@@ -13,7 +13,7 @@ from collections import Counter
 
 from transformers import PreTrainedTokenizerFast
 
-from bpo.tasks import Example, Task, wordlevel
+from bpo.tasks import Task, draw_task, wordlevel
 
 TOPIC_WORDS = tuple(
     "rent landlord lease roommate neighbor house job boss interview school exam teacher "
@@ -124,28 +124,7 @@ def demonstrate(rng: random.Random, prompt: str) -> str:
 
 def make_task(seed: int = 0, n_sft: int = 4000, n_align: int = 2000, n_eval: int = 256) -> Task:
     """The digest task, deterministic in `seed`, with no prompt shared between its three sets."""
-    if min(n_sft, n_align, n_eval) < 0:
-        raise ValueError(f"set sizes must be >= 0, got {n_sft=}, {n_align=}, {n_eval=}")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-
-    def fresh_prompts(n: int) -> list[str]:
-        prompts = []
-        while len(prompts) < n:
-            prompt = _prompt(rng)
-            if prompt not in seen:
-                seen.add(prompt)
-                prompts.append(prompt)
-        return prompts
-
-    sft, align, evaluation = fresh_prompts(n_sft), fresh_prompts(n_align), fresh_prompts(n_eval)
-    return Task(
-        name="digest",
-        sft=[Example(p, demonstrate(rng, p)) for p in sft],
-        align_prompts=align,
-        eval=[Example(p, _reference(p)) for p in evaluation],
-        reward="bpo.tasks.digest:reward",
-    )
+    return draw_task("digest", seed, (n_sft, n_align, n_eval), _prompt, demonstrate, _reference)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
