@@ -77,6 +77,7 @@ def test_experiment_resumes_without_rerunning_finished_runs(tmp_path, tiny_model
         grid={"method": ["on_policy_bpo", "offline_dpo"], "seed": [0, 1]},
         versus=[["on_policy_bpo", "offline_dpo"]],
         n_resamples=200,
+        workers=2,  # spawned worker processes; the other tests train in this process
     )
     rows = run_experiment(cfg, progress=False)
     assert [r["status"] for r in rows] == ["done"] * 4

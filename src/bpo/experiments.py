@@ -16,12 +16,12 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -33,6 +33,8 @@ RESULT_FIELDS = (  # summary.json figures copied into results.csv, after the gri
     "annotation_phases", "annotator_calls", "T", "B", "N_total", "collapsed_at_step",
     "wall_seconds",
 )  # fmt: skip
+T = TypeVar("T")
+R = TypeVar("R")
 _PLACEHOLDER = re.compile(r"\{([\w.]+)\}")
 
 
@@ -172,26 +174,35 @@ def run_experiment(
     pending = [c for c in grid if c.status == "pending"]
     threads = max(1, (os.cpu_count() or 1) // cfg.workers)
     started = time.perf_counter()
-    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
-        if cfg.sft is not None:
-            tasks = sorted({configs[c.path].task.name for c in pending})
-            todo = [t for t in tasks if not (sft_path(cfg, t) / "summary.json").is_file()]
-            jobs = [pool.submit(_run_sft, (cfg, t, threads)) for t in todo]
-            for job in tqdm(as_completed(jobs), total=len(jobs), desc="SFT", disable=not progress):
-                job.result()
-        jobs = [pool.submit(_run_cell, (configs[c.path], threads)) for c in pending]
-        bar = tqdm(total=len(grid), initial=len(grid) - len(pending), desc="runs",
-                   disable=not progress)  # fmt: skip
-        failed = 0
-        for job in as_completed(jobs):
-            failed += job.result()[1] == "failed"
-            bar.update()
-            bar.set_postfix(failed=failed)
-        bar.close()
+    if cfg.sft is not None:
+        tasks = sorted({configs[c.path].task.name for c in pending})
+        todo = [
+            (cfg, t, threads) for t in tasks if not (sft_path(cfg, t) / "summary.json").is_file()
+        ]
+        for _ in tqdm(_map(_run_sft, todo, cfg.workers), total=len(todo), desc="SFT",
+                      disable=not progress):  # fmt: skip
+            pass
+    bar = tqdm(total=len(grid), initial=len(grid) - len(pending), desc="runs", disable=not progress)
+    failed = 0
+    for _, status in _map(_run_cell, [(configs[c.path], threads) for c in pending], cfg.workers):
+        failed += status == "failed"
+        bar.update()
+        bar.set_postfix(failed=failed)
+    bar.close()
     rows = list(_rows(grid, configs))
     write_results_csv(root / "results.csv", rows)
     write_report(cfg, rows, wall_seconds=time.perf_counter() - started)
     return rows
+
+
+def _map(fn: Callable[[T], R], jobs: list[T], workers: int) -> Iterator[R]:
+    """fn over jobs, in `workers` spawned processes (in this one for 1), as they finish."""
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for job in as_completed([pool.submit(fn, j) for j in jobs]):
+            yield job.result()
 
 
 def _rows(grid: list[Cell], configs: dict[Path, TrainConfig]) -> Iterator[dict]:
