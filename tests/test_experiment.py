@@ -131,3 +131,22 @@ def test_a_run_that_fails_is_recorded_and_skipped_until_retried(tmp_path, tiny_m
 def test_cli_experiment_names_an_unknown_field(tmp_path, capsys):
     assert main(["experiment", f"output_dir={tmp_path}", "grid.seed=[0]", "wokers=2"]) == 2
     assert "wokers" in capsys.readouterr().err
+
+
+def test_each_task_sft_model_is_trained_once_and_reported(tmp_path, tiny_model):
+    cfg = experiment(
+        tmp_path,
+        tiny_model,
+        grid={"task.name": ["quiz"], "seed": [0, 1]},
+        sft={"epochs": 1, "task": TINY["task"], "sampling": {"max_new_tokens": 4}},
+        base_model={"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    )
+    run_experiment(cfg, progress=False)
+    sft_summary = tmp_path / "xp" / "sft" / "quiz" / "summary.json"
+    stamp = sft_summary.stat().st_mtime_ns
+    assert train_config(cfg, cells(cfg)[0]).model.path == str(sft_summary.parent / "model")
+    (cells(cfg)[1].path / "summary.json").unlink()
+    run_experiment(cfg, progress=False)
+    assert sft_summary.stat().st_mtime_ns == stamp  # not trained again
+    sft_win_rate = 100 * json.loads(sft_summary.read_text())["win_rate"]
+    assert f"| sft | {sft_win_rate:.1f} |" in (tmp_path / "xp" / "RESULTS.md").read_text()

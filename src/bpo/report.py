@@ -23,6 +23,7 @@ from safetensors import safe_open  # noqa: E402
 
 from bpo import stats  # noqa: E402
 from bpo.config import ExperimentConfig  # noqa: E402
+from bpo.experiments import sft_path  # noqa: E402
 
 STRATA = ("task.name", "loss")  # what an aggregate pools over, beside seeds
 REPLICATE = "seed"
@@ -119,6 +120,12 @@ def _cell_section(cfg: ExperimentConfig, done: list[dict]) -> list[str]:
         keys=("label", "loss", "task.name") if has_loss else ("label", "task.name"),
     )
     table: dict[tuple, dict[str, str]] = defaultdict(dict)
+    if cfg.sft is not None:  # the starting point: each task's SFT model (one run, seed 0)
+        sft_row = ("sft", "nll") if has_loss else ("sft",)
+        for task in tasks:
+            summary = sft_path(cfg, task) / "summary.json"
+            if summary.is_file():
+                table[sft_row][task] = f"{100 * json.loads(summary.read_text())[cfg.score]:.1f}"
     for c in cells:
         row_key = (c["label"], c["loss"]) if has_loss else (c["label"],)
         table[row_key][c["task.name"]] = f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"
