@@ -53,7 +53,8 @@ def write_report(cfg: ExperimentConfig, rows: list[dict], wall_seconds: float) -
         f"# Experiment `{root.name}`",
         "",
         f"Command: `bpo experiment {root / 'experiment.yaml'}`. Runs: {len(rows)} "
-        f"({len(done)} done, {len(failed)} failed); wall time of this invocation "
+        f"({len(done)} done, {len(failed)} failed); their training times add up to "
+        f"{sum(float(r['wall_seconds']) for r in done) / 60:.0f} min; this invocation took "
         f"{wall_seconds / 60:.1f} min.",
         "",
         _budget(done),
@@ -182,7 +183,7 @@ def _versus_section(cfg: ExperimentConfig, done: list[dict], a: str, b: str) -> 
         "| task | prompts | win rate of A (%) | win rate of B (%) |",
         "| --- | --- | --- | --- |",
     ]
-    for task, (ra, rb) in pooled.items():
+    for task, (ra, rb) in sorted(pooled.items(), key=lambda item: item[0] == "all"):
         ab = stats.head_to_head_interval(ra, rb, n_resamples=cfg.n_resamples)
         ba = stats.head_to_head_interval(rb, ra, n_resamples=cfg.n_resamples)
         lines.append(
@@ -198,14 +199,26 @@ def _rewards(row: dict) -> list[float]:
 
 
 def _curves(done: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """task -> label -> step -> win rates of the runs' evaluations."""
-    curves: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    """task -> label -> step -> win rates of the runs' evaluations.
+
+    A run that stopped early (collapsed) keeps its last evaluation at the later steps of the
+    runs that went on, so every mean is over the same runs.
+    """
+    runs: dict = defaultdict(lambda: defaultdict(list))  # task -> label -> [{step: win rate}]
     for r in done:
         with open(Path(r["run_dir"]) / "metrics.jsonl", encoding="utf-8") as f:
-            for record in map(json.loads, f):
-                if "eval/win_rate" in record:
-                    task = r["task.name"]
-                    curves[task][r["label"]][record["step"]].append(record["eval/win_rate"])
+            curve = {
+                m["step"]: m["eval/win_rate"] for m in map(json.loads, f) if "eval/win_rate" in m
+            }
+        runs[r["task.name"]][r["label"]].append((curve, r.get("collapsed_at_step") is not None))
+    curves: dict = defaultdict(dict)
+    for task, by_label in runs.items():
+        for name, group in by_label.items():
+            full = [c for c, collapsed in group if not collapsed] or [c for c, _ in group]
+            steps = sorted({s for c in full for s in c})
+            curves[task][name] = {
+                s: [c[max(k for k in c if k <= s)] for c, _ in group] for s in steps
+            }
     return curves
 
 
