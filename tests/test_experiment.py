@@ -33,6 +33,13 @@ def test_grid_is_the_product_and_names_each_run(tmp_path, tiny_model):
     assert grid[3].path == tmp_path / "xp" / "runs" / "method=bpo,F=2"
 
 
+def test_run_names_skip_fields_with_one_value_and_slashes(tmp_path, tiny_model):
+    cfg = experiment(tmp_path, tiny_model, grid={"seed": [0, 1], "reference_path": ["a/b"]})
+    assert [c.path.name for c in cells(cfg)] == ["seed=0", "seed=1"]
+    cfg = experiment(tmp_path, tiny_model, grid={"reference_path": ["a/b", "c/d"]})
+    assert [c.path.name for c in cells(cfg)] == ["reference_path=a_b", "reference_path=c_d"]
+
+
 def test_train_config_fills_placeholders_and_points_runs_at_the_task_sft_model(
     tmp_path, tiny_model
 ):

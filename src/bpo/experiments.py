@@ -55,13 +55,18 @@ class Cell:
 
 
 def cells(cfg: ExperimentConfig) -> list[Cell]:
-    """The grid's runs in a fixed order (the product of the value lists, first key slowest)."""
+    """The grid's runs in a fixed order (the product of the value lists, first key slowest).
+
+    A run's directory is named by its values of the fields that vary (a field with one value
+    tells no runs apart), with `/` written as `_`.
+    """
     keys = list(cfg.grid)
+    varying = [k for k in keys if len(cfg.grid[k]) > 1]
     runs = Path(cfg.output_dir) / "runs"
     out = []
     for combo in itertools.product(*(cfg.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        name = ",".join(f"{k}={v}" for k, v in values.items()) or "run"
+        name = ",".join(f"{k}={values[k]}" for k in varying).replace("/", "_") or "run"
         out.append(Cell(values, runs / name))
     return out
 

@@ -30,8 +30,8 @@ REPLICATE = "seed"
 
 
 def label_keys(cfg: ExperimentConfig) -> list[str]:
-    """The grid fields that tell compared variants apart (not task, loss or seed)."""
-    return [k for k in cfg.grid if k not in (*STRATA, REPLICATE)]
+    """The grid fields that tell compared variants apart (not task, loss, seed or one value)."""
+    return [k for k, v in cfg.grid.items() if k not in (*STRATA, REPLICATE) and len(v) > 1]
 
 
 def label(row: dict, keys: list[str]) -> str:
