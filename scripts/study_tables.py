@@ -144,14 +144,21 @@ def gold(rows: list[dict], gold_rows: list[dict]) -> list[str]:
     """Fig. 5: on-policy DPO with the sft reference, with the gold reference, and on-policy BPO."""
     lines = [
         "| task | on-policy DPO, sft reference | on-policy DPO, gold reference "
-        "| on-policy BPO (= the gold reference model) |",
-        "| --- | --- | --- | --- |",
+        "| gold − sft reference (points) | on-policy BPO (= the gold reference model) |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    strata = []
     for task in TASKS:
         sft = cell(rows, **{"task.name": task, "method": "on_policy_dpo", "loss": "dpo"})
         with_gold = cell(gold_rows, **{"task.name": task})
         bpo = cell(rows, **{"task.name": task, "method": "on_policy_bpo", "loss": "dpo"})
-        lines.append(f"| {task} | {mean_std(sft)} | {mean_std(with_gold)} | {mean_std(bpo)} |")
+        strata.append(np.subtract(with_gold, sft))
+        lines.append(
+            f"| {task} | {mean_std(sft)} | {mean_std(with_gold)} "
+            f"| {strata[-1].mean():+.1f} | {mean_std(bpo)} |"
+        )
+    iv = stats.stratified_bootstrap(strata, np.mean)
+    lines.append(f"| all | | | {iv.point:+.1f} [{iv.low:+.1f}, {iv.high:+.1f}] | |")
     return lines
 
 
@@ -195,6 +202,7 @@ def main() -> None:
         ("Fig. 4: BPO (DPO) against F", frequency(rows, sweep, args.plot)),
         ("Fig. 5: a gold reference", gold(rows, read(args.study / "fig5_gold"))),
         ("Fig. 6: LoRA members", stability(args.study / "fig6_ensemble", "lora.members")),
+        ("Fig. 6, T = 300", stability(args.study / "fig6_ensemble_long", "lora.members")),
         ("Fig. 7: EMA reference, one LoRA", stability(args.study / "fig7_ema", "ema_tau")),
     ]  # fmt: skip
     for title, lines in sections:
