@@ -1,9 +1,10 @@
 """`bpo experiment`: a grid of `bpo train` runs, trained side by side, resumable, summarised.
 
 The grid is the product of `grid`'s value lists over `train`'s shared fields. Each run gets its
-own run directory under `runs/`, named by its grid values. A run is finished when it has a
-`summary.json` (or a `failed.json`, for a run that stopped with an error: the policy collapsed,
-say); an experiment started again skips finished runs and trains unfinished ones from the start.
+own run directory under `runs/`, named by the grid values that vary. A run is finished when it
+has a `summary.json` (or a `failed.json`, for a run that stopped with an error: a missing
+reference checkpoint, say); an experiment started again skips finished runs and trains
+unfinished ones from the start.
 Every built-in task's SFT model is trained once, before the runs that start from it.
 """
 
@@ -141,7 +142,8 @@ def _run_cell(args: tuple[TrainConfig, int]) -> tuple[str, str]:
     shutil.rmtree(path, ignore_errors=True)  # an unfinished run starts again
     try:
         train(cfg, progress=False)
-    except (RuntimeError, ValueError, OSError) as e:  # collapse, bad value, missing file
+    except (RuntimeError, ValueError, OSError) as e:  # a bad value, a missing file, ...
+        path.mkdir(parents=True, exist_ok=True)
         (path / "failed.json").write_text(
             json.dumps({"error": type(e).__name__, "message": str(e)}, indent=2) + "\n",
             encoding="utf-8",
@@ -151,6 +153,7 @@ def _run_cell(args: tuple[TrainConfig, int]) -> tuple[str, str]:
 
 
 def _quiet_worker(threads: int) -> None:
+    """Give this process its share of the cores and silence weight-loading progress bars."""
     import torch
     from transformers.utils import logging as hf_logging
 

@@ -93,17 +93,18 @@ def _budget(done: list[dict]) -> str:
     first = done[0]
     config = OmegaConf.load(Path(first["run_dir"]) / "config.yaml")
     params = _parameters(Path(config["model"]["path"]))
+    model = f"a {params / 1e6:.2f} M-parameter model" if params else f"`{config['model']['path']}`"
     fs = sorted({int(r["annotation_phases"]) for r in done})
     return (
         f"Budget per run: T = {first['T']} steps, B = {first['B']} pairs, N_total = T·B = "
         f"{first['N_total']} pairs, F ∈ {{{', '.join(map(str, fs))}}}; {config['finetune']} "
-        f"fine-tuning of a {params / 1e6:.2f} M-parameter model, lr {config['lr']}, "
+        f"fine-tuning of {model}, lr {config['lr']}, "
         f"β = {config['beta']}; {config['sampling']['max_new_tokens']} new tokens."
     )
 
 
 def _parameters(model_dir: Path) -> int:
-    """Parameter count of a safetensors checkpoint, from its header."""
+    """Parameter count of a local safetensors checkpoint, from its headers (0 for a Hub id)."""
     total = 0
     for file in model_dir.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
