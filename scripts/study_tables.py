@@ -166,8 +166,9 @@ def stability(experiment: Path, key: str) -> list[str]:
     """Figs. 6 and 7: final win rate, its spread over seeds, and the worst fall from a peak."""
     rows = read(experiment)
     lines = [
-        f"| {key} | final win rate (%) | worst fall from a peak (points) | runs collapsed |",
-        "| --- | --- | --- | --- |",
+        f"| {key} | final win rate (%) | 95 % interval of the mean "
+        "| worst fall from a peak (points) | runs collapsed |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for value in dict.fromkeys(r[key] for r in rows):
         runs = [r for r in rows if r[key] == value]
@@ -179,8 +180,10 @@ def stability(experiment: Path, key: str) -> list[str]:
                 ]
             falls.append(max(np.maximum.accumulate(curve) - curve))
         collapsed = sum(bool(r.get("collapsed_at_step")) for r in runs)
+        finals = [100 * r["win_rate"] for r in runs]
+        iv = stats.stratified_bootstrap([finals], np.mean)
         lines.append(
-            f"| {value} | {mean_std([100 * r['win_rate'] for r in runs])} "
+            f"| {value} | {mean_std(finals)} | [{iv.low:.1f}, {iv.high:.1f}] "
             f"| {statistics.fmean(falls):.1f} (max {max(falls):.1f}) | {collapsed} of {len(runs)} |"
         )
     return lines
