@@ -162,3 +162,23 @@ def test_a_collapsed_policy_stops_the_run_and_keeps_it(train_config):
         train(train_config("fine", "method=on_policy_bpo"), progress=False)["collapsed_at_step"]
         is None
     )
+
+
+def test_pairs_annotated_before_a_collapse_are_kept(train_config, monkeypatch):
+    """A phase that collapses part-way still puts the pairs it annotated in the pool."""
+    import bpo.online
+    from bpo.pairs import PolicyCollapsed, collect_pairs
+
+    def collapse_in_phase_1(*args):
+        pairs, stats = collect_pairs(*args)
+        if args[7] == 1:  # phase
+            raise PolicyCollapsed("annotation phase 1: only 3 of 8 pairs", pairs[:3], stats)
+        return pairs, stats
+
+    monkeypatch.setattr(bpo.online, "collect_pairs", collapse_in_phase_1)
+    cfg = train_config("partial", "method=bpo", "F=2")  # T = 4, B = 4: M = 8 pairs a phase
+    with pytest.warns(UserWarning, match="stopping after 2 of 4 steps"):
+        summary = train(cfg, progress=False)
+    pool = PreferencePool.read(RunDir(cfg.output_dir).pool)
+    assert [p.phase for p in pool] == [0] * 8 + [1] * 3
+    assert summary["pairs_annotated"] == 11 and summary["collapsed_at_step"] == 2

@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     )  # fmt: skip
                 except PolicyCollapsed as e:  # nothing left to learn from: stop, keep the run
                     warnings.warn(f"{e}; stopping after {t} of {cfg.T} steps", stacklevel=1)
+                    pool.add(e.pairs)  # annotated, so kept
+                    collected.add(e.stats)
                     collapsed_at = t
                     break
                 pool.add(pairs)

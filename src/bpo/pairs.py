@@ -20,7 +20,15 @@ from bpo.pool import PreferencePair
 
 
 class PolicyCollapsed(RuntimeError):
-    """An annotation phase found too few distinct, untied pairs: π_β samples one response."""
+    """An annotation phase found too few distinct, untied pairs: π_β samples one response.
+
+    Carries the pairs it did annotate, so that none is lost.
+    """
+
+    def __init__(self, message: str, pairs: list[PreferencePair], stats: CollectionStats) -> None:
+        super().__init__(message)
+        self.pairs = pairs
+        self.stats = stats
 
 
 class PromptSampler:
@@ -128,7 +136,9 @@ def collect_pairs(
             f"annotation phase {phase}: only {len(pairs)} of {n_pairs} pairs after {max_rounds} "
             f"rounds ({stats.dropped_identical} identical, {stats.dropped_ties} ties dropped); "
             "the policy may have collapsed to one response: raise sampling.temperature or set "
-            "annotator.ties=random"
+            "annotator.ties=random",
+            pairs,
+            stats,
         )
     return pairs, stats
 
