@@ -180,6 +180,8 @@ def _versus_section(cfg: ExperimentConfig, done: list[dict], a: str, b: str) -> 
     lines = [f"## Head to head: {a} vs {b} (win rate of {a}, strictly higher reward)", ""]
     if not pooled:
         return [*lines, "No matching pairs of finished runs.", ""]
+    if any(None in side for pair in pooled.values() for side in pair):
+        return [*lines, "Needs per-prompt rewards; the runs were judged by a pairwise model.", ""]
     lines += [
         "| task | prompts | win rate of A (%) | win rate of B (%) |",
         "| --- | --- | --- | --- |",
