@@ -113,7 +113,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
         reference = BehaviorReference()
         return policy, lambda batch: dap_update(
-            policy, reference, batch, dpo_loss, cfg, optimizer, accelerator
+            policy, reference, batch.pairs, dpo_loss, cfg, optimizer, accelerator
         )
 
     single, single_step = bpo_step(1)

@@ -93,8 +93,12 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 
 def test_shipped_configs_load():
-    """Every YAML under configs/ is a valid config of its command."""
+    """Every YAML under configs/ is a valid config of its command: accelerate's launch configs,
+    experiments (every run's config must load too), SFT and train configs."""
     from pathlib import Path
+
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
 
     from bpo.config import ExperimentConfig, SFTConfig
     from bpo.experiments import cells, train_config
@@ -102,9 +106,10 @@ def test_shipped_configs_load():
     configs = sorted(Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml"))
     assert configs
     for path in configs:
-        if path.parent.name == "study":  # experiments: every run's config must load too
+        if path.parent.name == "accelerate":
+            assert ClusterConfig.from_yaml_file(path).distributed_type
+        elif "grid" in yaml.safe_load(path.read_text()):
             experiment = load_config(ExperimentConfig, path)
             assert all(train_config(experiment, cell) for cell in cells(experiment))
-            continue
-        schema = SFTConfig if path.stem == "sft" else TrainConfig
-        load_config(schema, path)
+        else:
+            load_config(SFTConfig if path.stem == "sft" else TrainConfig, path)

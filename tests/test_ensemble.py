@@ -138,7 +138,7 @@ def test_k1_ensemble_trains_like_a_single_peft_lora(train_config, tiny_model):
 
     from bpo.losses import dpo_loss
     from bpo.online import dap_update
-    from bpo.pool import PairBatch, PreferencePool
+    from bpo.pool import PreferencePool
     from bpo.reference import SnapshotReference
 
     cfg = train_config("pairs", "method=offline_dpo", "T=3")
@@ -159,7 +159,7 @@ def test_k1_ensemble_trains_like_a_single_peft_lora(train_config, tiny_model):
         reference = SnapshotReference(policy)
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
         for t in range(3):
-            batch = PairBatch(pairs[4 * t : 4 * t + 4], CPU, policy.pad_id)
+            batch = pairs[4 * t : 4 * t + 4]
             dap_update(policy, reference, batch, dpo_loss, cfg, optimizer, accelerator)
     for name, layer in ensemble.layers.items():
         torch.testing.assert_close(

@@ -169,8 +169,8 @@ def test_pairs_annotated_before_a_collapse_are_kept(train_config, monkeypatch):
     import bpo.online
     from bpo.pairs import PolicyCollapsed, collect_pairs
 
-    def collapse_in_phase_1(*args):
-        pairs, stats = collect_pairs(*args)
+    def collapse_in_phase_1(*args, **kwargs):
+        pairs, stats = collect_pairs(*args, **kwargs)
         if args[7] == 1:  # phase
             raise PolicyCollapsed("annotation phase 1: only 3 of 8 pairs", pairs[:3], stats)
         return pairs, stats

@@ -14,7 +14,7 @@ class ScriptedPolicy:
         self.responses = list(responses)
         self.temperatures: list[tuple[float, int]] = []
 
-    def generate(self, prompt_ids, sampling: SamplingConfig):
+    def sample(self, prompt_ids, sampling: SamplingConfig, seed: int):
         self.temperatures.append((sampling.temperature, len(prompt_ids)))
         out, self.responses = self.responses[: len(prompt_ids)], self.responses[len(prompt_ids) :]
         return out
@@ -41,7 +41,7 @@ def test_best_vs_worst_picks_the_extremes(annotator):
                  [6], [7], [8], [9]]  # fmt: skip
     stats = CollectionStats()
     kept = _best_vs_worst(ScriptedPolicy(responses), ["x0", "x1", "x2"], [[0], [0], [0]],
-                          annotator, SamplingConfig(), 4, (), stats)  # fmt: skip
+                          annotator, SamplingConfig(), 4, (), stats, 0)  # fmt: skip
     assert len(kept) == 1
     j, chosen, rejected, chosen_text, rejected_text, margin = kept[0]
     assert (j, chosen, rejected, margin) == (0, [2, 2, 2, 2], [3], 3.0)
@@ -53,7 +53,7 @@ def test_temperature_mix_splits_the_samples(annotator):
     """RLHF Workflow: n/2 samples at temperature 1.0 and n/2 at 0.7."""
     policy = ScriptedPolicy([[i] * (i + 1) for i in range(8)])
     _best_vs_worst(policy, ["x0", "x1"], [[0], [0]], annotator, SamplingConfig(), 4,
-                   (1.0, 0.7), CollectionStats())  # fmt: skip
+                   (1.0, 0.7), CollectionStats(), 0)  # fmt: skip
     assert policy.temperatures == [(1.0, 4), (0.7, 4)]
 
 
@@ -61,7 +61,7 @@ def test_best_vs_worst_needs_rewards():
     pm = PreferenceModelAnnotator.__new__(PreferenceModelAnnotator)
     with pytest.raises(ConfigError, match="best-vs-worst of 4 needs rewards"):
         _best_vs_worst(ScriptedPolicy([]), ["x"], [[0]], pm, SamplingConfig(), 4, (),
-                       CollectionStats())  # fmt: skip
+                       CollectionStats(), 0)  # fmt: skip
 
 
 def test_random_ties_keep_every_pair(train_config):

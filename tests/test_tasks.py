@@ -8,6 +8,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from bpo.config import TaskConfig
 from bpo.tasks import TASKS, digest, guard, load_task, quiz
 
 # tom has 5 pear, then 2 more: the answer is seven
@@ -191,7 +192,7 @@ def _ranks(name: str, prompt: str, reference: str) -> bool:
 
 @pytest.mark.parametrize("name", ["digest", "quiz", "guard"])
 def test_ideal_beats_reference_beats_bad(name):
-    task = load_task(name, seed=0, n_sft=0, n_align=0, n_eval=50)
+    task = load_task(TaskConfig(name=name, seed=0, n_sft=0, n_align=0, n_eval=50))
     assert len(task.eval) == 50
     for e in task.eval:
         assert _ranks(name, e.prompt, e.response), e
@@ -206,7 +207,7 @@ def test_ideal_beats_reference_beats_bad_by_hand():
 def test_registered_and_loadable(module):
     name = module.__name__.rsplit(".", 1)[1]
     assert TASKS[name] == module.__name__
-    task = load_task(name, seed=3, n_sft=5, n_align=4, n_eval=3)
+    task = load_task(TaskConfig(name=name, seed=3, n_sft=5, n_align=4, n_eval=3))
     assert task == module.make_task(3, n_sft=5, n_align=4, n_eval=3)
     assert task.name == name and task.reward == f"bpo.tasks.{name}:reward"
 

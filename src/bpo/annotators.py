@@ -369,7 +369,7 @@ class LengthPenalty(RewardAnnotator):
 
 def build_annotator(
     cfg: AnnotatorConfig,
-    default_function: str,
+    default_function: str | None,
     device: torch.device,
     seed: int,
     field: str = "annotator",
@@ -393,8 +393,14 @@ def build_annotator(
         annotator: RewardAnnotator = RewardModelAnnotator(
             cfg.path, cfg.encoding, cfg.max_length, cfg.batch_size, device, dtype, field
         )
-    else:
+    elif cfg.function or default_function:
         annotator = FunctionAnnotator(cfg.function or default_function, f"{field}.function")
+    else:
+        raise ConfigError(
+            f"{field}.type: function, but the task has no gold reward (a dataset); set "
+            f"{field}.type=reward_model and {field}.path (the paper's simulator is "
+            f"OpenAssistant/reward-model-deberta-v3-large-v2), or {field}.function=module:function"
+        )
     if cfg.length_penalty:
         annotator = LengthPenalty(annotator, cfg.length_penalty)
     if cfg.noise_temperature:

@@ -10,7 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bpo.config import AnnotatorConfig, SFTConfig, TrainConfig
+    from bpo.config import AnnotatorConfig, SFTConfig, TaskConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -88,6 +88,8 @@ def validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.beta <= 0:
         raise ConfigError(f"beta: must be > 0, got {cfg.beta}; the paper uses beta=0.1")
+    if cfg.micro_batch_size is not None:
+        positive(cfg, "micro_batch_size")
     if cfg.lr <= 0:
         raise ConfigError(f"lr: must be > 0, got {cfg.lr}; the paper uses lr=5e-5")
     if cfg.reference == "gold" and not cfg.reference_path:
@@ -152,6 +154,25 @@ def validate_annotator(cfg: AnnotatorConfig) -> None:
 
 
 _PM_ONLY = ("labels", "answer_prefix")
+
+DATASET_ONLY = (
+    "dataset", "data_dir", "train_split", "eval_split", "prompt_column", "label_column",
+    "chosen_column", "max_prompt_tokens", "long_prompts",
+)  # fmt: skip
+
+
+def validate_task(cfg: TaskConfig) -> None:
+    """A built-in task reads none of the dataset fields: setting one is a mistake to report."""
+    if cfg.name not in ("digest", "quiz", "guard"):
+        return
+    defaults = type(cfg).__dataclass_fields__
+    for name in DATASET_ONLY:
+        if getattr(cfg, name) != _default(defaults[name]):
+            raise ConfigError(
+                f"task.{name}: set to {getattr(cfg, name)!r} but the built-in task {cfg.name} "
+                f"does not read it; remove task.{name} or use a dataset task (tldr, hh_helpful, "
+                "hh_harmless)"
+            )
 
 
 def _default(f: dataclasses.Field) -> object:

@@ -22,6 +22,7 @@ from bpo.checks import (
     validate_annotator,
     validate_labels,
     validate_lora,
+    validate_task,
     validate_train,
 )
 from bpo.losses import canonical_loss_name
@@ -54,16 +55,45 @@ class LoraConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["digest", "quiz", "guard"] = "digest"
-    """Built-in task providing prompts, demonstrations, references and the gold reward."""
+    name: Literal["digest", "quiz", "guard", "tldr", "hh_helpful", "hh_harmless"] = "digest"
+    """A built-in task (digest, quiz, guard: prompts, demonstrations, references and a gold
+    reward, made from a seed) or one of the paper's datasets (tldr, hh_helpful, hh_harmless),
+    loaded with `datasets.load_dataset`."""
     seed: int = 0
-    """Seed of the task's data generator (independent of the run's seed)."""
-    n_sft: int = 4000
-    """Number of SFT demonstrations."""
+    """Seed of the task's data generator, or of a dataset's shuffle into SFT / alignment sets."""
+    n_sft: int | None = 4000
+    """Number of SFT demonstrations; None (datasets only): every row not taken for alignment."""
     n_align: int = 2000
     """Number of alignment prompts (sampled during annotation phases)."""
     n_eval: int = 256
     """Number of held-out evaluation prompts with references."""
+    dataset: str | None = None
+    """Datasets only: Hub id, local folder, or one data file (.json/.jsonl/.csv, optionally .gz,
+    or .parquet: its one split is "train"); None: CarperAI/openai_summarize_tldr for tldr,
+    Anthropic/hh-rlhf for hh_*."""
+    data_dir: str | None = None
+    """Datasets only: `data_dir` of `load_dataset`; None: helpful-base / harmless-base for hh_*,
+    none for tldr."""
+    train_split: str = "train"
+    """Datasets only: split the SFT demonstrations and the alignment prompts come from
+    (disjoint: the alignment prompts are drawn first)."""
+    eval_split: str = "test"
+    """Datasets only: split the held-out evaluation prompts and references come from."""
+    prompt_column: str = "prompt"
+    """tldr: column holding the "SUBREDDIT: ... TITLE: ... POST: ... TL;DR:" prompt."""
+    label_column: str = "label"
+    """tldr: column holding the human summary (the SFT target and the evaluation reference)."""
+    chosen_column: str = "chosen"
+    """hh_*: column holding the preferred "\n\nHuman: ... \n\nAssistant: ..." transcript."""
+    max_prompt_tokens: int | None = None
+    """Datasets only: longest prompt in the policy's tokens; longer ones are truncated (the end of
+    a conversation, the start of a post is kept) and counted, or rejected (`long_prompts`)."""
+    long_prompts: Literal["truncate", "error"] = "truncate"
+    """What a prompt longer than `max_prompt_tokens` gets: truncated (counted in the summary and
+    warned of), or an error naming the row."""
+
+    def __post_init__(self) -> None:
+        validate_task(self)
 
 
 @dataclass
@@ -183,12 +213,18 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logprob_batch_size: int = 64
     """Most sequences per teacher-forced forward outside the update."""
+    micro_batch_size: int | None = None
+    """Pairs per forward/backward on each process; the B/processes pairs of a step are split
+    into micro-batches whose gradients accumulate (the same update, less memory). None: all at
+    once."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
     seed: int = 0
     """Seed of sampling, LoRA initialisation and data order."""
     device: str = "auto"
     """auto (accelerate picks), cpu or cuda."""
     precision: Literal["no", "bf16", "fp16"] = "no"
-    """Mixed precision (accelerate)."""
+    """Mixed precision (accelerate autocast): the update and the behavior log-probs."""
 
     @property
     def K(self) -> int:
@@ -237,8 +273,16 @@ class SFTConfig:
     """Linear learning-rate warm-up steps, then cosine decay to 0."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 turns clipping off."""
+    micro_batch_size: int | None = None
+    """Demonstrations per forward/backward on each process, gradients accumulated over the
+    batch; None: the whole batch at once."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    """The judge of the final evaluation (its label noise unused); the default is the task's
+    gold reward, which the paper's datasets lack: give them their reward model here."""
     seed: int = 0
     """Seed of initialisation and data order."""
     device: str = "auto"
@@ -248,6 +292,8 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         positive(self, "epochs", "batch_size")
+        if self.micro_batch_size is not None:
+            positive(self, "micro_batch_size")
         validate_lora(self)
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=1e-3")

@@ -43,9 +43,11 @@ class EnsembleLoraLinear(nn.Module):
         self.members = members
         self.scaling = alpha / r
         self.per_member = False
-        weight = base.weight
-        self.lora_A = nn.Parameter(weight.new_zeros(members, r, base.in_features))
-        self.lora_B = nn.Parameter(weight.new_zeros(members, base.out_features, r))
+        # float32 whatever the base's dtype (as peft's autocast_adapter_dtype): Adam's updates of
+        # small adapters are lost in bf16; the forward casts them to the input's dtype
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(members, r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(members, base.out_features, r, device=device))
 
     def init_member(self, i: int, generator: torch.Generator) -> None:
         """peft's default LoRA init for member i: A ~ kaiming-uniform(a=√5), B = 0."""
@@ -66,12 +68,12 @@ class EnsembleLoraLinear(nn.Module):
         out = self.base(x)
         if not self.per_member:
             A, B = self.merged_factors()
-            return out + F.linear(F.linear(x, A), B) * self.scaling
+            return out + F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling
         k = self.members
         xs = x.reshape(k, -1, x.shape[-1])  # (k, n·T, in): chunk i belongs to member i
-        hidden = torch.bmm(xs, self.lora_A.transpose(1, 2))  # (k, n·T, r)
-        delta = torch.bmm(hidden, self.lora_B.transpose(1, 2))  # (k, n·T, out)
-        return out + delta.reshape(out.shape) * self.scaling
+        hidden = torch.bmm(xs, self.lora_A.to(x.dtype).transpose(1, 2))  # (k, n·T, r)
+        delta = torch.bmm(hidden, self.lora_B.to(hidden.dtype).transpose(1, 2))  # (k, n·T, out)
+        return out + delta.reshape(out.shape).to(out.dtype) * self.scaling
 
 
 def target_names(model: nn.Module, target_modules: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from bpo.annotators import (
     evaluation_scorer,
 )
 from bpo.config import ModelConfig, SamplingConfig, SFTConfig, TrainConfig, load_config
+from bpo.distributed import on_main
 from bpo.policy import Policy
 from bpo.rundir import RunDir
 from bpo.tasks import Example, load_task
@@ -54,29 +54,45 @@ def evaluate(
     """
     prompts = [e.prompt for e in examples]
     references = [e.response for e in examples]
-    greedy = policy.generate(prompt_ids, sampling, greedy=True)
+    greedy = policy.sample(prompt_ids, sampling, EVAL_SEED, greedy=True)
     texts = policy.decode(greedy)
-    metrics: dict[str, float] = {"eval/length": sum(map(len, greedy)) / len(greedy)}
-    metrics.update(_judge(scorer, prompts, texts, references, "eval/"))
-    if gold is not None:
-        metrics.update(_judge(gold, prompts, texts, references, "eval/gold_"))
-    if outputs is not None:
-        _write_outputs(outputs, gold or scorer, prompts, texts)
+
+    def judge() -> dict[str, float]:  # on the main process: the judges may be paid per call
+        metrics = {"eval/length": sum(map(len, greedy)) / len(greedy)}
+        metrics.update(_judge(scorer, prompts, texts, references, "eval/"))
+        if gold is not None:
+            metrics.update(_judge(gold, prompts, texts, references, "eval/gold_"))
+        if outputs is not None:
+            _write_outputs(outputs, gold or scorer, prompts, texts)
+        return metrics
+
+    metrics = on_main(judge)
     if sft_logps is not None:
-        with torch.random.fork_rng(devices=[]):  # evaluation must not move training's RNG
-            torch.manual_seed(EVAL_SEED)
-            samples = policy.generate(prompt_ids, sampling)
-        ours = policy.logps_batched(prompt_ids, samples, logprob_batch_size)  # (N,)
+        samples = policy.sample(prompt_ids, sampling, EVAL_SEED)  # its own seed: training's RNG
+        ours = policy.logps_batched(prompt_ids, samples, logprob_batch_size)  # stays as it was
         theirs = sft_logps(prompt_ids, samples)  # (N,)
         metrics["eval/kl_sft"] = (ours - theirs).mean().item()
     return metrics
 
 
-def gold_judge(scorer: Annotator, task_reward: str) -> FunctionAnnotator | None:
-    """The task's gold reward as a second judge, unless it already is the scorer."""
-    if isinstance(scorer, FunctionAnnotator) and scorer.spec == task_reward:
+def gold_judge(scorer: Annotator, task_reward: str | None) -> FunctionAnnotator | None:
+    """The task's gold reward as a second judge, unless it already is the scorer or the task
+    (a dataset) has none."""
+    if task_reward is None or (
+        isinstance(scorer, FunctionAnnotator) and scorer.spec == task_reward
+    ):
         return None
     return FunctionAnnotator(task_reward, field="task")
+
+
+def evaluation_judge(
+    cfg: TrainConfig | SFTConfig, task_reward: str | None, device: torch.device
+) -> Annotator:
+    """`eval.scorer` if given, else the run's annotator without its label noise (the paper's
+    protocol: the simulator that annotates also evaluates)."""
+    if cfg.eval.scorer:
+        return FunctionAnnotator(cfg.eval.scorer, field="eval.scorer")
+    return evaluation_scorer(build_annotator(cfg.annotator, task_reward, device, cfg.seed))
 
 
 def _judge(
@@ -133,12 +149,9 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     else:
         model_cfg, finetune, adapter = ModelConfig(str(run.policy), cfg.model.dtype), "full", None
     policy = Policy.load(model_cfg, finetune, cfg.lora, cfg.seed, device, adapter_path=adapter)
-    task = load_task(**asdict(cfg.task))
+    task = load_task(cfg.task, policy.tokenizer)
     examples = task.eval[: cfg.eval.n_prompts]
-    if cfg.eval.scorer or schema is SFTConfig:  # as `train` and `sft` judge
-        scorer = FunctionAnnotator(cfg.eval.scorer or task.reward, field="eval.scorer")
-    else:
-        scorer = evaluation_scorer(build_annotator(cfg.annotator, task.reward, device, cfg.seed))
+    scorer = evaluation_judge(cfg, task.reward, device)
     sft_logps = None
     if schema is TrainConfig and cfg.eval.kl:
         sft_policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, device)  # θ at t=0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
@@ -16,12 +17,13 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
-from bpo.config import TrainConfig
+from bpo.config import ConfigError, TrainConfig
+from bpo.distributed import local_slice
 from bpo.evaluate import LogpFn, evaluate, gold_judge
 from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs
 from bpo.policy import Policy
-from bpo.pool import PairBatch, PreferencePool
+from bpo.pool import PairBatch, PreferencePair, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference
 from bpo.start import start_run
 
@@ -30,6 +32,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run Algorithm 1 as configured; write the run directory and return its summary."""
     started = time.perf_counter()
     run, accelerator, task, policy = start_run(cfg)
+    if cfg.B % accelerator.num_processes:
+        raise ConfigError(
+            f"B: {cfg.B} pairs per step do not split over {accelerator.num_processes} processes; "
+            "make B a multiple of the number of processes"
+        )
     reference = make_reference(cfg, policy)
     annotator = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
     scorer = (  # eval.scorer, else the annotator without its label noise
@@ -46,7 +53,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-    pool = PreferencePool(run.pool)
+    pool = PreferencePool(run.pool if run.writer else None)
     sampler = PromptSampler(
         task.align_prompts, policy.encode_prompts(task.align_prompts), seed=cfg.seed
     )
@@ -63,7 +70,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         return metrics
 
     final_eval = run_eval(0)
-    bar = tqdm(range(cfg.T), desc=f"{cfg.method} ({cfg.loss})", disable=not progress)
+    bar = tqdm(
+        range(cfg.T),
+        desc=f"{cfg.method} ({cfg.loss})",
+        disable=not (progress and accelerator.is_main_process),
+    )
     for t in bar:
         with accelerator.autocast():  # one precision for behavior log-probs and updates
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
@@ -73,7 +84,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     pairs, stats = collect_pairs(
                         policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
                         tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
-                        cfg.pairs.temperatures,
+                        cfg.pairs.temperatures, seed=cfg.seed,
                     )  # fmt: skip
                 except PolicyCollapsed as e:  # nothing left to learn from: stop, keep the run
                     warnings.warn(f"{e}; stopping after {t} of {cfg.T} steps", stacklevel=1)
@@ -83,7 +94,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     break
                 pool.add(pairs)
                 collected.add(stats)
-            batch = PairBatch(pool.pop(cfg.B), policy.device, policy.pad_id)  # line 12
+            batch = local_slice(pool.pop(cfg.B))  # line 12; this process's share
             metrics = dap_update(policy, reference, batch, loss_fn, cfg, optimizer, accelerator)
         scheduler.step()
         reference.update(policy)  # ema: θ' ← τθ + (1−τ)θ' (Eq. 6); no-op otherwise
@@ -102,7 +113,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             final_eval = run_eval(t + 1, final=last)
     if collapsed_at is not None:
         final_eval = run_eval(collapsed_at, final=True)
-    policy.save(run.policy)
+    if accelerator.is_main_process:
+        policy.save(run.policy)
     summary = {
         "method": cfg.method,
         "loss": cfg.loss,
@@ -122,6 +134,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "dropped_ties": collected.dropped_ties,
         "responses_scored": collected.responses_scored,
         "collapsed_at_step": collapsed_at,
+        "prompts_truncated": task.truncated,
         "win_rate": final_eval["eval/win_rate"],
         **{k.removeprefix("eval/"): v for k, v in final_eval.items() if k != "eval/win_rate"},
         "wall_seconds": time.perf_counter() - started,
@@ -133,7 +146,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 def dap_update(
     policy: Policy,
     reference: Reference,
-    batch: PairBatch,
+    pairs: list[PreferencePair],
     loss_fn: DAPLoss,
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer,
@@ -141,27 +154,53 @@ def dap_update(
 ) -> dict[str, float]:
     """θ ← θ − γ∇θ L_DAP(batch, π_θ; π_ref) (Algorithm 1, line 13); TRL's metric names.
 
-    With a LoRA ensemble every member takes its own loss on the same batch and the same π_ref,
-    in one forward/backward over the batch repeated k times; metrics average the members.
+    `pairs` is this process's share of the step's B pairs, taken in micro-batches whose
+    gradients accumulate; DDP averages the shares' gradients, so the update is that of the whole
+    batch. With a LoRA ensemble every member takes its own loss on the same pairs and the same
+    π_ref, in one forward/backward over the micro-batch repeated k times.
     """
+    size = cfg.micro_batch_size or len(pairs)
+    starts = range(0, len(pairs), size)
+    sums: dict[str, float] = {}
+    optimizer.zero_grad(set_to_none=True)
+    for start in starts:
+        micro = PairBatch(pairs[start : start + size], policy.device, policy.pad_id)
+        weight = len(micro.pairs) / len(pairs)  # the micro-batch's share of the mean
+        last = start == starts[-1]
+        reference_logps = reference.logps(micro, policy)  # (B,), (B,), before the policy's pass
+        sync = nullcontext() if last else accelerator.no_sync(policy.train_model)
+        with sync, policy.training():
+            loss, stats = _dap_loss(policy, reference_logps, micro, loss_fn, cfg)
+            accelerator.backward(loss * weight)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+    grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm)  # (k,), on the averaged gradients
+    optimizer.step()
+    means = accelerator.reduce(torch.tensor(list(sums.values()), device=policy.device), "mean")
+    return {**dict(zip(sums, means.tolist())), "grad_norm": grad_norm.mean().item()}
+
+
+def _dap_loss(
+    policy: Policy,
+    reference_logps: tuple[torch.Tensor, torch.Tensor],
+    batch: PairBatch,
+    loss_fn: DAPLoss,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss (each ensemble member's own mean, summed) and its metrics."""
     k = policy.members
     packed = tuple(t.repeat(k, 1) for t in batch.packed)  # (k·2B, L): a copy per member
     logps = policy.member_logps(*packed)  # (k, 2B): one chosen+rejected forward
     policy_chosen, policy_rejected = logps.chunk(2, dim=1)  # (k, B), (k, B)
-    reference_chosen, reference_rejected = reference.logps(batch, policy)  # (B,), (B,)
+    reference_chosen, reference_rejected = reference_logps
     if cfg.loss == "ipo" and cfg.ipo_average_logps:
         chosen_len, rejected_len = batch.lengths
         policy_chosen, reference_chosen = policy_chosen / chosen_len, reference_chosen / chosen_len
         policy_rejected = policy_rejected / rejected_len
         reference_rejected = reference_rejected / rejected_len
     out = loss_fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected, cfg.beta)
-    loss = out.losses.mean(-1).sum()  # each member's own mean loss; = the mean for k = 1
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm)  # (k,)
-    optimizer.step()
     margins = out.chosen_rewards - out.rejected_rewards  # (k, B)
-    return {
+    stats = {
         "loss": out.losses.mean().item(),
         "rewards/chosen": out.chosen_rewards.mean().item(),
         "rewards/rejected": out.rejected_rewards.mean().item(),
@@ -169,8 +208,8 @@ def dap_update(
         "rewards/accuracies": (margins > 0).float().mean().item(),
         "logps/chosen": policy_chosen.detach().mean().item(),
         "logps/rejected": policy_rejected.detach().mean().item(),
-        "grad_norm": grad_norm.mean().item(),
     }
+    return out.losses.mean(-1).sum(), stats  # each member's own mean loss; the mean for k = 1
 
 
 def _sft_logps(cfg: TrainConfig, policy: Policy, reference: Reference) -> LogpFn:

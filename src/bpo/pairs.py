@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.config import ConfigError, SamplingConfig
+from bpo.distributed import draw_seed, on_main
 from bpo.policy import Policy
 from bpo.pool import PreferencePair
 
@@ -86,16 +87,20 @@ def collect_pairs(
     samples_per_prompt: int = 2,
     temperatures: Sequence[float] = (),
     max_rounds: int = 20,
+    seed: int = 0,
 ) -> tuple[list[PreferencePair], CollectionStats]:
     """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ.
 
     Two samples per prompt are compared by the annotator; with more, the annotator's rewards pick
     the best and the worst (RLHF Workflow, arXiv 2405.07863, Algorithm 2), the samples split
-    evenly over `temperatures` when given.
+    evenly over `temperatures` when given. Each round samples from its own seed, drawn from
+    (`seed`, `phase`, round); with several processes the sampling is split between them and the
+    annotator answers on the main one.
     """
     pairs: list[PreferencePair] = []
     stats = CollectionStats()
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds):
+        round_seed = draw_seed(seed, phase, round_)
         need = n_pairs - len(pairs)
         if need == 0:
             break
@@ -104,11 +109,13 @@ def collect_pairs(
         prompt_ids = [sampler.prompt_ids[i] for i in idx]
         stats.prompts += need
         if samples_per_prompt == 2 and not temperatures:
-            kept = _two_samples(policy, prompts, prompt_ids, annotator, sampling, ties, rng, stats)
+            kept = _two_samples(
+                policy, prompts, prompt_ids, annotator, sampling, ties, rng, stats, round_seed
+            )
         else:
             kept = _best_vs_worst(
                 policy, prompts, prompt_ids, annotator, sampling, samples_per_prompt,
-                temperatures, stats,
+                temperatures, stats, round_seed,
             )  # fmt: skip
         if not kept:
             continue
@@ -152,9 +159,10 @@ def _two_samples(
     ties: str,
     rng: random.Random,
     stats: CollectionStats,
+    seed: int,
 ) -> list[Candidate]:
     """y1, y2 ~ π_β(·|x), identical pairs dropped, the rest compared by the annotator."""
-    samples = policy.generate([p for p in prompt_ids for _ in range(2)], sampling)
+    samples = policy.sample([p for p in prompt_ids for _ in range(2)], sampling, seed)
     first, second = samples[0::2], samples[1::2]
     distinct = [j for j in range(len(prompts)) if first[j] != second[j]]
     stats.dropped_identical += len(prompts) - len(distinct)
@@ -162,7 +170,7 @@ def _two_samples(
         return []
     text_a = policy.decode([first[j] for j in distinct])
     text_b = policy.decode([second[j] for j in distinct])
-    margins = annotator.compare([prompts[j] for j in distinct], text_a, text_b)
+    margins = on_main(lambda: annotator.compare([prompts[j] for j in distinct], text_a, text_b))
     kept = []
     for k, margin in enumerate(margins):
         if margin == 0 and ties == "drop":
@@ -185,6 +193,7 @@ def _best_vs_worst(
     n: int,
     temperatures: Sequence[float],
     stats: CollectionStats,
+    seed: int,
 ) -> list[Candidate]:
     """n samples per prompt ranked by reward; the best against the worst. Prompts whose samples
     are all identical, or whose best and worst rewards are equal, are dropped."""
@@ -195,11 +204,10 @@ def _best_vs_worst(
         )
     groups = list(temperatures) or [sampling.temperature]
     per_prompt: list[list[list[int]]] = [[] for _ in prompts]
-    for temperature in groups:
+    for g, temperature in enumerate(groups):
         batch = [p for p in prompt_ids for _ in range(n // len(groups))]
-        for i, response in enumerate(
-            policy.generate(batch, replace(sampling, temperature=temperature))
-        ):
+        group_sampling = replace(sampling, temperature=temperature)
+        for i, response in enumerate(policy.sample(batch, group_sampling, draw_seed(seed, g))):
             per_prompt[i // (n // len(groups))].append(response)
     unique = [list({tuple(r): r for r in rs}.values()) for rs in per_prompt]
     flat = [(j, r) for j, rs in enumerate(unique) if len(rs) > 1 for r in rs]
@@ -207,7 +215,7 @@ def _best_vs_worst(
     if not flat:
         return []
     texts = policy.decode([r for _, r in flat])
-    scores = annotator.score([prompts[j] for j, _ in flat], texts)
+    scores = on_main(lambda: annotator.score([prompts[j] for j, _ in flat], texts))
     stats.responses_scored += len(flat)
     kept = []
     for j in sorted({j for j, _ in flat}):

@@ -13,11 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
+from bpo.distributed import chunked_map, shard_map
 from bpo.ensemble import CONFIG_FILE as ENSEMBLE_CONFIG
 from bpo.ensemble import LoraEnsemble
 
@@ -50,10 +52,17 @@ def load_causal_lm(model: ModelConfig, device: torch.device):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout probability: preference learning runs without dropout (DESIGN.md)."""
+    """Zero every dropout probability: preference learning runs without dropout (DESIGN.md).
+
+    Attention layers that apply dropout functionally in train mode keep their rate in an
+    `attention_dropout` attribute; it is zeroed too, so train mode (needed by gradient
+    checkpointing) computes exactly what eval mode does.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     model.eval()
 
 
@@ -91,6 +100,8 @@ class Policy:
         ensemble: LoraEnsemble | None = None,
     ) -> None:
         self.model = model
+        self.train_model = model
+        """The model the update's forward goes through: `model`, or its DDP wrapper."""
         self.tokenizer = tokenizer
         self.device = device
         self.ensemble = ensemble
@@ -134,6 +145,23 @@ class Policy:
                 lm = add_lora(lm, lora, seed)
         return cls(lm, tokenizer, device, ensemble)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them (less memory, one
+        more forward); active only inside `training()`."""
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's new name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.config.use_cache = False
+
+    def distribute(self, accelerator: Accelerator) -> None:
+        """Wrap the model for multi-process training (DDP averages gradients over ranks); one
+        process is left as it is. Sampling and log-probs keep using the unwrapped model."""
+        if accelerator.num_processes > 1:
+            self.train_model = accelerator.prepare_model(self.model)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.ensemble:
             return self.ensemble.parameters()
@@ -142,12 +170,27 @@ class Policy:
     def member_logps(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Sequence log-probs of a packed batch of k·n rows, chunk i under member i: (k, n)."""
-        if self.ensemble is None:
-            return sequence_logps(self.model, input_ids, attention_mask, response_mask)[None]
-        with self.ensemble.per_member():
-            logps = sequence_logps(self.model, input_ids, attention_mask, response_mask)
+        """Sequence log-probs of a packed batch of k·n rows, chunk i under member i: (k, n).
+
+        Call it inside `training()`, which must also cover the backward pass.
+        """
+        logps = sequence_logps(self.train_model, input_ids, attention_mask, response_mask)
         return logps.view(self.members, -1)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """The mode of an update's forward and backward: train mode (dropout is off, so only
+        gradient checkpointing notices) and an ensemble's per-member layers. The backward must
+        run inside too: gradient checkpointing recomputes the forward there."""
+        self.model.train()
+        try:
+            if self.ensemble is None:
+                yield
+            else:
+                with self.ensemble.per_member():
+                    yield
+        finally:
+            self.model.eval()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip gradients (each ensemble member on its own); return the norm(s) before, (k,)."""
@@ -170,19 +213,41 @@ class Policy:
         prompt_ids: Sequence[Sequence[int]],
         sampling: SamplingConfig,
         greedy: bool = False,
+        seed: int | None = None,
     ) -> list[list[int]]:
-        """One response per prompt, as token ids ending with EOS if the model ended it."""
+        """One response per prompt, as token ids ending with EOS if the model ended it.
+
+        With `seed`, the draw comes from a generator seeded with it and leaves the global RNG
+        as it was, so it depends on nothing that ran before.
+        """
         config = generation_config(sampling, greedy, self.tokenizer)
         responses: list[list[int]] = []
-        for start in range(0, len(prompt_ids), sampling.batch_size):
-            chunk = prompt_ids[start : start + sampling.batch_size]
-            input_ids, attention_mask = left_pad(chunk, self.pad_id, self.device)
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-            )  # (n, P + new)
-            for row in out[:, input_ids.shape[1] :].tolist():
-                responses.append(_cut_at_eos(row, self.eos_id))
+        with _seeded(seed, self.device):
+            for start in range(0, len(prompt_ids), sampling.batch_size):
+                chunk = prompt_ids[start : start + sampling.batch_size]
+                input_ids, attention_mask = left_pad(chunk, self.pad_id, self.device)
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                )  # (n, P + new)
+                for row in out[:, input_ids.shape[1] :].tolist():
+                    responses.append(_cut_at_eos(row, self.eos_id))
         return responses
+
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        seed: int,
+        greedy: bool = False,
+    ) -> list[list[int]]:
+        """`generate` in chunks of `sampling.batch_size` prompts, each seeded from (`seed`, its
+        index) and spread over the processes: the same responses on any number of them."""
+        return chunked_map(
+            lambda chunk, chunk_seed: self.generate(chunk, sampling, greedy, chunk_seed),
+            prompt_ids,
+            sampling.batch_size,
+            seed,
+        )
 
     def logps(
         self,
@@ -205,12 +270,18 @@ class Policy:
         response_ids: Sequence[Sequence[int]],
         batch_size: int,
     ) -> torch.Tensor:
-        """`logps` without gradients, `batch_size` sequences per forward: (N,)."""
-        parts = [
-            self.logps(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size])
-            for i in range(0, len(prompt_ids), batch_size)
-        ]
-        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+        """`logps` without gradients, `batch_size` sequences per forward, the sequences spread
+        over the processes and gathered: (N,) on every rank."""
+
+        def local(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[float]:
+            out = []
+            for i in range(0, len(rows), batch_size):
+                prompts, responses = zip(*rows[i : i + batch_size])
+                out += self.logps(prompts, responses).tolist()
+            return out
+
+        values = shard_map(local, list(zip(prompt_ids, response_ids)))
+        return torch.tensor(values, dtype=torch.float, device=self.device)
 
     def save(self, path: str | Path) -> None:
         """Save the trainable state: the adapter(s) for LoRA, the whole model otherwise."""
@@ -220,14 +291,19 @@ class Policy:
             self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
-    def save_merged(self, path: str | Path) -> None:
-        """Save a standalone checkpoint with any adapter folded into the base weights; the policy
-        keeps working, now without trainable adapters."""
+    def merge(self) -> None:
+        """Fold any adapter into the base weights; the policy keeps working, now without
+        trainable adapters (and without its DDP wrapper: training is over)."""
         if isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
         elif self.ensemble:
             self.ensemble.fold()
             self.ensemble = None
+        self.train_model = self.model
+
+    def save_merged(self, path: str | Path) -> None:
+        """Save a standalone checkpoint with any adapter folded into the base weights (`merge`)."""
+        self.merge()
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
@@ -254,6 +330,17 @@ def generation_config(sampling: SamplingConfig, greedy: bool, tokenizer) -> Gene
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block on torch's RNG seeded with `seed`, restoring the RNG after; no-op for None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:

@@ -69,22 +69,27 @@ class PairBatch:
 
 class PreferencePool:
     """Durable FIFO of annotated pairs: `add` writes to disk first, `pop` never returns a pair
-    twice."""
+    twice. With `path` None it lives in memory (the pools of a multi-process run's other ranks,
+    which hold the same pairs as the main one's)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
         self._pending: deque[PreferencePair] = deque()
         self.added = 0
         self.popped = 0
 
     def add(self, pairs: list[PreferencePair]) -> None:
+        if self.path is not None:
+            self._write(pairs)
+        self._pending.extend(pairs)
+        self.added += len(pairs)
+
+    def _write(self, pairs: list[PreferencePair]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             for pair in pairs:
                 f.write(json.dumps(asdict(pair)) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self._pending.extend(pairs)
-        self.added += len(pairs)
 
     def pop(self, n: int) -> list[PreferencePair]:
         """The next n pairs, removed from the pool (Algorithm 1, lines 12–13)."""

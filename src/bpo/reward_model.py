@@ -16,7 +16,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,7 +82,7 @@ def load_pairs(cfg: PairDataConfig, seed: int) -> PairData:
         pairs = [Pair(p.prompt, p.chosen, p.rejected) for p in PreferencePool.read(cfg.pool)]
         ties = 0  # the run that wrote the pool already dropped or broke them
     else:
-        pairs, ties = task_pairs(load_task(**asdict(cfg.task)), rng)
+        pairs, ties = task_pairs(load_task(cfg.task), rng)
     train, held_out = split_by_prompt(pairs, cfg.eval_fraction, rng)
     return PairData(train, held_out, ties)
 

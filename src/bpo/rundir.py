@@ -11,10 +11,12 @@ from bpo.config import PairTrainingConfig, SFTConfig, TrainConfig, to_yaml
 
 
 class RunDir:
-    """Where one run writes everything it produces."""
+    """Where one run writes everything it produces. With several processes only the main one
+    writes (`writer`); the others' `log` and `write_summary` do nothing."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     @classmethod
     def create(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
@@ -57,10 +59,14 @@ class RunDir:
 
     def log(self, record: dict) -> None:
         """Append one JSON object to metrics.jsonl."""
+        if not self.writer:
+            return
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def write_summary(self, summary: dict) -> None:
+        if not self.writer:
+            return
         tmp = self.summary.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.summary)

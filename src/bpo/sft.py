@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import nullcontext
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from bpo.annotators import FunctionAnnotator
 from bpo.config import SFTConfig
-from bpo.evaluate import evaluate
-from bpo.policy import pack
+from bpo.distributed import local_slice
+from bpo.evaluate import evaluate, evaluation_judge
+from bpo.policy import Policy, pack
 from bpo.start import start_run
 
 
@@ -40,7 +42,9 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     k = policy.members  # an ensemble trains all k members, each on its own data order
     order_rngs = [random.Random(cfg.seed + i) for i in range(k)]
-    bar = tqdm(total=total_steps, desc="sft", disable=not progress)
+    bar = tqdm(
+        total=total_steps, desc="sft", disable=not (progress and accelerator.is_main_process)
+    )
     step = 0
     for epoch in range(cfg.epochs):
         orders = []
@@ -48,36 +52,30 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
             orders.append(list(range(len(task.sft))))
             rng.shuffle(orders[-1])
         for start in range(0, len(task.sft), cfg.batch_size):
-            idx = [i for order in orders for i in order[start : start + cfg.batch_size]]
-            responses = [response_ids[i] for i in idx]
-            packed = pack([prompt_ids[i] for i in idx], responses, policy.pad_id, policy.device)
-            with accelerator.autocast():
-                logps = policy.member_logps(*packed)  # (k, n)
-                tokens = torch.tensor([len(r) for r in responses], device=logps.device)
-                tokens = tokens.view(k, -1).sum(-1)  # (k,)
-                loss = (-logps.sum(-1) / tokens).sum()  # each member's mean NLL per token
+            batch = [order[start : start + cfg.batch_size] for order in orders]  # k × n
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm)
+            loss, grad_norm = _sft_step(policy, accelerator, cfg, prompt_ids, response_ids, batch)
             optimizer.step()
             scheduler.step()
             step += 1
             record = {
                 "step": step,
                 "epoch": epoch,
-                "loss": loss.item() / k,
-                "grad_norm": grad_norm.mean().item(),
+                "loss": loss / k,
+                "grad_norm": grad_norm,
                 "learning_rate": scheduler.get_last_lr()[0],
             }
             run.log(record)
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.3f}")
     bar.close()
-    if cfg.finetune == "lora":
+    if cfg.finetune == "lora" and accelerator.is_main_process:
         policy.save(run.path / "policy")  # the adapter(s), for preference runs' lora.init_from
-    policy.save_merged(run.path / "model")
+    policy.merge()
+    if accelerator.is_main_process:
+        policy.save_merged(run.path / "model")
     eval_examples = task.eval[: cfg.eval.n_prompts]
-    scorer = FunctionAnnotator(cfg.eval.scorer or task.reward, field="eval.scorer")
+    scorer = evaluation_judge(cfg, task.reward, policy.device)
     metrics = evaluate(
         policy,
         eval_examples,
@@ -95,9 +93,47 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
         "T": step,
         "pairs_annotated": 0,
         "annotation_phases": 0,
+        "prompts_truncated": task.truncated,
         "win_rate": metrics["eval/win_rate"],
         **{k.removeprefix("eval/"): v for k, v in metrics.items() if k != "eval/win_rate"},
         "wall_seconds": time.perf_counter() - started,
     }
     run.write_summary(summary)
     return summary
+
+
+def _sft_step(
+    policy: Policy,
+    accelerator: Accelerator,
+    cfg: SFTConfig,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    batch: list[list[int]],
+) -> tuple[float, float]:
+    """Accumulate the gradient of each member's mean NLL per token over its rows of `batch`
+    (k lists of demonstration indices), this process taking its share of every member's rows in
+    micro-batches; returns the loss summed over members and the mean gradient norm.
+
+    Each micro-batch's summed NLL is divided by the whole batch's token count (times the number
+    of processes, which DDP's averaging divides out), so the accumulated gradient is exactly the
+    one-process, one-forward gradient.
+    """
+    tokens = [sum(len(response_ids[i]) for i in rows) for rows in batch]  # per member, global
+    scale = torch.tensor(tokens, dtype=torch.float, device=policy.device)[:, None]  # (k, 1)
+    local = [list(local_slice(rows)) for rows in batch]
+    size = cfg.micro_batch_size or len(local[0])
+    starts = range(0, len(local[0]), size)
+    total = torch.zeros((), device=policy.device)
+    for start in starts:
+        idx = [i for rows in local for i in rows[start : start + size]]
+        packed = pack([prompt_ids[i] for i in idx], [response_ids[i] for i in idx],
+                      policy.pad_id, policy.device)  # fmt: skip
+        sync = nullcontext() if start == starts[-1] else accelerator.no_sync(policy.train_model)
+        with sync, policy.training():
+            with accelerator.autocast():
+                logps = policy.member_logps(*packed)  # (k, micro)
+                loss = (-logps / scale).sum() * accelerator.num_processes
+            accelerator.backward(loss)
+        total += loss.detach()
+    grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm).mean().item()
+    return accelerator.reduce(total, "sum").item() / accelerator.num_processes, grad_norm

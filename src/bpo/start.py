@@ -2,29 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from bpo.config import PairTrainingConfig, SFTConfig, TrainConfig
+from bpo.config import ConfigError, PairTrainingConfig, SFTConfig, TrainConfig
 from bpo.policy import Policy
 from bpo.rundir import RunDir
 from bpo.tasks import Task, load_task
 
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
 
 def open_run(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> tuple[RunDir, Accelerator]:
-    """Create the run directory (with the resolved config), pick the device and precision with
-    accelerate, and seed every RNG."""
-    run = RunDir.create(cfg)
+    """Create the run directory (with the resolved config; the main process writes it), pick
+    the device, precision and processes with accelerate, and seed every RNG."""
+    AcceleratorState._reset_state()  # this run's precision, not an earlier run's in-process
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
+    if accelerator.distributed_type not in SUPPORTED:
+        raise ConfigError(
+            f"accelerate: {accelerator.distributed_type.value} is not supported; launch with "
+            "DDP (`accelerate launch --config_file configs/accelerate/ddp.yaml` or `torchrun`)"
+        )
+    run = RunDir.create(cfg) if accelerator.is_main_process else RunDir(cfg.output_dir, False)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     return run, accelerator
 
 
 def start_run(cfg: TrainConfig | SFTConfig) -> tuple[RunDir, Accelerator, Task, Policy]:
-    """`open_run`, then load the task and the policy on the run's device."""
+    """`open_run`, then load the policy on the run's device and the task with its tokenizer."""
     run, accelerator = open_run(cfg)
-    task = load_task(**asdict(cfg.task))
     policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, accelerator.device)
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    policy.distribute(accelerator)
+    task = load_task(cfg.task, policy.tokenizer)
     return run, accelerator, task, policy

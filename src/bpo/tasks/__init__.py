@@ -1,4 +1,5 @@
-"""Built-in tasks: prompts, demonstrations, references and a gold reward, all made from a seed."""
+"""Tasks: the built-in ones (prompts, demonstrations, references and a gold reward, all made from a
+seed) and the paper's datasets (`bpo.tasks.hub`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from bpo.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -23,14 +28,17 @@ class Task:
     """The data a run needs, split into disjoint prompt sets.
 
     `reward` names the gold reward as `module:function`, a function
-    `reward(prompt: str, response: str) -> float` that annotators and evaluation import.
+    `reward(prompt: str, response: str) -> float` that annotators and evaluation import; None for
+    a dataset, which has no gold reward (its annotator is a reward model). `truncated` counts the
+    prompts, over all three sets, cut to `task.max_prompt_tokens`.
     """
 
     name: str
     sft: list[Example]
     align_prompts: list[str]
     eval: list[Example]
-    reward: str
+    reward: str | None
+    truncated: int = 0
 
 
 def draw_task(
@@ -77,17 +85,41 @@ TASKS = {
     "quiz": "bpo.tasks.quiz",  # helpfulness stand-in: questions with a checkable answer
     "guard": "bpo.tasks.guard",  # harmlessness stand-in: refuse to leak a secret, help otherwise
 }
+# The paper's datasets, loaded by `bpo.tasks.hub` (imported on use: `datasets` is slow to import).
+DATASETS = ("tldr", "hh_helpful", "hh_harmless")
 
 
 def _module(name: str):
+    if name in DATASETS:
+        raise ValueError(
+            f"task.name: {name} is a dataset; it has no built-in tokenizer or demonstrator (its "
+            "SFT data are the dataset's human responses, its tokenizer the policy model's); these "
+            f"exist for the built-in tasks {', '.join(TASKS)}"
+        )
     if name not in TASKS:
-        raise ValueError(f"task.name: unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+        raise ValueError(
+            f"task.name: unknown task {name!r}; built-in tasks: {', '.join(TASKS)}; datasets: "
+            f"{', '.join(DATASETS)}"
+        )
     return importlib.import_module(TASKS[name])
 
 
-def load_task(name: str, seed: int, n_sft: int, n_align: int, n_eval: int) -> Task:
-    """Build the built-in task `name` from its seed."""
-    return _module(name).make_task(seed=seed, n_sft=n_sft, n_align=n_align, n_eval=n_eval)
+def load_task(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> Task:
+    """The task `cfg` describes: a built-in task made from its seed, or a dataset loaded with
+    `datasets.load_dataset` (`bpo.tasks.hub`; `tokenizer`, the policy's, counts prompt tokens for
+    `task.max_prompt_tokens`). Built-in tasks ignore the dataset fields and the tokenizer."""
+    if cfg.name in DATASETS:
+        from bpo.tasks.hub import load_dataset_task
+
+        return load_dataset_task(cfg, tokenizer)
+    if cfg.n_sft is None:
+        raise ValueError(
+            f"task.n_sft: None (every row not taken for alignment) is for datasets; the built-in "
+            f"task {cfg.name} draws its demonstrations from a generator, so set a number, e.g. "
+            "task.n_sft=4000"
+        )
+    module = _module(cfg.name)
+    return module.make_task(seed=cfg.seed, n_sft=cfg.n_sft, n_align=cfg.n_align, n_eval=cfg.n_eval)
 
 
 def task_demonstrator(name: str) -> Callable[[random.Random, str], str]:

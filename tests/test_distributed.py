@@ -1,0 +1,102 @@
+"""Multi-process training: 2 gloo processes end where 1 process ends with the same global batch
+(DESIGN.md, Scale), and the work split behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bpo.config import to_yaml
+from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
+from bpo.pool import PreferencePool
+from bpo.rundir import RunDir
+
+
+def test_bounds_split_evenly_and_cover_everything():
+    for n in range(0, 12):
+        for parts in (1, 2, 3, 5):
+            spans = [bounds(n, parts, p) for p in range(parts)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert max(hi - lo for lo, hi in spans) - min(hi - lo for lo, hi in spans) <= 1
+
+
+def test_one_process_maps_are_plain_maps():
+    items = list(range(10))
+    assert shard_map(lambda xs: [x * 2 for x in xs], items) == [x * 2 for x in items]
+    seeds = chunked_map(lambda xs, seed: [seed] * len(xs), items, chunk=4, seed=7)
+    assert seeds == [draw_seed(7, 0)] * 4 + [draw_seed(7, 1)] * 4 + [draw_seed(7, 2)] * 2
+    assert len(set(seeds)) == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bpo_train(processes: int, overrides: list[str]) -> None:
+    """`bpo train` in fresh processes: plain Python for 1, torchrun (gloo) for more."""
+    if processes == 1:
+        launcher = [sys.executable, "-m", "bpo.cli"]
+    else:
+        launcher = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+            f"--master-port={_free_port()}", "-m", "bpo.cli",
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [*launcher, "train", *overrides], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(RunDir(run_dir).policy.glob("*.safetensors"))
+    assert files, f"no weights in {run_dir}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ["finetune=full", "method=online_dpo", "F=2", "loss=dpo"],
+        ["finetune=lora", "lora.r=4", "lora.members=2", "method=on_policy_bpo", "loss=ipo"],
+    ],
+    ids=["full-online-dpo", "lora-ensemble-bpo-ipo"],
+)
+def test_two_processes_end_where_one_does(train_config, tmp_path, setting):
+    """Same pairs in the pool, same losses, same final parameters (float tolerance); the 2-process
+    run also accumulates gradients over micro-batches of one pair."""
+    runs = {}
+    for processes, extra in ((1, []), (2, ["micro_batch_size=1"])):
+        cfg = train_config(f"p{processes}", *setting, *extra)
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(to_yaml(cfg), encoding="utf-8")
+        _bpo_train(processes, [str(config)])
+        runs[processes] = Path(cfg.output_dir)
+    one, two = (PreferencePool.read(RunDir(runs[p]).pool) for p in (1, 2))
+    assert len(one) == len(two) == 16
+    assert [(p.prompt, p.chosen, p.rejected) for p in one] == [
+        (p.prompt, p.chosen, p.rejected) for p in two
+    ]
+    for a, b in zip(one, two):
+        assert a.behavior_chosen_logp == pytest.approx(b.behavior_chosen_logp, abs=1e-4)
+    steps = [[r for r in RunDir(runs[p]).read_metrics() if "loss" in r] for p in (1, 2)]
+    for a, b in zip(*steps):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    weights_one, weights_two = _weights(runs[1]), _weights(runs[2])
+    assert weights_one.keys() == weights_two.keys()
+    for name, w in weights_one.items():
+        torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=1e-4, msg=name)
+    summaries = [json.loads(RunDir(runs[p]).summary.read_text()) for p in (1, 2)]
+    assert summaries[0]["win_rate"] == summaries[1]["win_rate"]
