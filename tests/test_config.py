@@ -113,3 +113,18 @@ def test_shipped_configs_load():
             assert all(train_config(experiment, cell) for cell in cells(experiment))
         else:
             load_config(SFTConfig if path.stem == "sft" else TrainConfig, path)
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without it
+    with pytest.raises(ConfigError, match=r'sampling.backend: .vllm. needs the vllm package.*'
+                                          r'pip install "bpo\[vllm\]"'):  # fmt: skip
+        load_config(TrainConfig, overrides=["model.path=m", "method=bpo", "F=1",
+                                            "sampling.backend=vllm"])  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="sampling.max_model_len: set to 512 but sampling.backend=hf"
+    ):
+        load_config(TrainConfig, overrides=["model.path=m", "method=bpo", "F=1",
+                                            "sampling.max_model_len=512"])  # fmt: skip

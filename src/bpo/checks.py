@@ -10,7 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bpo.config import AnnotatorConfig, SFTConfig, TaskConfig, TrainConfig
+    from bpo.config import AnnotatorConfig, SamplingConfig, SFTConfig, TaskConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -108,6 +108,7 @@ def validate_train(cfg: TrainConfig) -> None:
         )
     if cfg.sampling.temperature <= 0:
         raise ConfigError(f"sampling.temperature: must be > 0, got {cfg.sampling.temperature}")
+    validate_device(cfg)
     n, temperatures = cfg.pairs.samples_per_prompt, cfg.pairs.temperatures
     if n < 2:
         raise ConfigError(f"pairs.samples_per_prompt: must be >= 2, got {n}")
@@ -159,6 +160,35 @@ DATASET_ONLY = (
     "dataset", "data_dir", "train_split", "eval_split", "prompt_column", "label_column",
     "chosen_column", "max_prompt_tokens", "long_prompts",
 )  # fmt: skip
+
+
+def validate_device(cfg: TrainConfig | SFTConfig) -> None:
+    if cfg.sampling.backend == "vllm" and cfg.device == "cpu":
+        raise ConfigError(
+            "sampling.backend: vllm samples on a CUDA GPU, but device=cpu; set "
+            "sampling.backend=hf or run on a GPU"
+        )
+
+
+def validate_sampling(cfg: SamplingConfig) -> None:
+    """The vLLM backend must be installed; its fields are read by it alone."""
+    if cfg.backend == "vllm":
+        from bpo.vllm_backend import require_vllm
+
+        require_vllm()
+        if not 0 < cfg.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"sampling.gpu_memory_utilization: must lie in (0, 1], got "
+                f"{cfg.gpu_memory_utilization}"
+            )
+        return
+    defaults = type(cfg).__dataclass_fields__
+    for name in ("gpu_memory_utilization", "max_model_len"):
+        if getattr(cfg, name) != _default(defaults[name]):
+            raise ConfigError(
+                f"sampling.{name}: set to {getattr(cfg, name)!r} but sampling.backend=hf does not "
+                f"read it; remove sampling.{name} or set sampling.backend=vllm"
+            )
 
 
 def validate_task(cfg: TaskConfig) -> None:

@@ -20,8 +20,10 @@ from bpo.checks import (
     positive,
     resolve_method,
     validate_annotator,
+    validate_device,
     validate_labels,
     validate_lora,
+    validate_sampling,
     validate_task,
     validate_train,
 )
@@ -107,7 +109,17 @@ class SamplingConfig:
     max_new_tokens: int = 16
     """Most tokens generated per response."""
     batch_size: int = 64
-    """Most sequences per `generate` call."""
+    """Most sequences per `generate` call (hf backend)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Who samples responses: transformers' `generate` (hf) or an in-process vLLM engine (vllm;
+    `pip install "bpo[vllm]"`, one CUDA process). Log-probs always come from the training model."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory the vLLM engine may take (weights, activations, KV cache); vllm only."""
+    max_model_len: int | None = None
+    """Longest prompt + response the vLLM engine plans for; None: the model's own; vllm only."""
+
+    def __post_init__(self) -> None:
+        validate_sampling(self)
 
 
 @dataclass
@@ -295,6 +307,7 @@ class SFTConfig:
         if self.micro_batch_size is not None:
             positive(self, "micro_batch_size")
         validate_lora(self)
+        validate_device(self)
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=1e-3")
 

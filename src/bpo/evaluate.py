@@ -149,6 +149,8 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     else:
         model_cfg, finetune, adapter = ModelConfig(str(run.policy), cfg.model.dtype), "full", None
     policy = Policy.load(model_cfg, finetune, cfg.lora, cfg.seed, device, adapter_path=adapter)
+    if cfg.sampling.backend == "vllm":
+        policy.use_vllm(model_cfg, cfg.sampling, cfg.seed)
     task = load_task(cfg.task, policy.tokenizer)
     examples = task.eval[: cfg.eval.n_prompts]
     scorer = evaluation_judge(cfg, task.reward, device)

@@ -37,6 +37,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             f"B: {cfg.B} pairs per step do not split over {accelerator.num_processes} processes; "
             "make B a multiple of the number of processes"
         )
+    if cfg.sampling.backend == "vllm":  # before the optimizer and reference take memory
+        policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)
     reference = make_reference(cfg, policy)
     annotator = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
     scorer = (  # eval.scorer, else the annotator without its label noise
@@ -62,6 +64,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     collapsed_at = None  # the step at which a phase found no pairs, if one did
 
     def run_eval(step: int, final: bool = False) -> dict:
+        policy.sync_vllm()  # an evaluation need not fall on a phase's start
         metrics = evaluate(
             policy, eval_examples, eval_ids, scorer, cfg.sampling, sft_logps,
             cfg.logprob_batch_size, gold, run.eval_outputs if final else None,
@@ -80,6 +83,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
                 phase = t // cfg.K
                 # π_β ← π_θ: the current policy samples and scores its own pairs (lines 4–10)
+                policy.sync_vllm()
                 try:
                     pairs, stats = collect_pairs(
                         policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -22,6 +23,9 @@ from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
 from bpo.distributed import chunked_map, shard_map
 from bpo.ensemble import CONFIG_FILE as ENSEMBLE_CONFIG
 from bpo.ensemble import LoraEnsemble
+
+if TYPE_CHECKING:
+    from bpo.vllm_backend import VLLMGenerator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +109,8 @@ class Policy:
         self.tokenizer = tokenizer
         self.device = device
         self.ensemble = ensemble
+        self.vllm: VLLMGenerator | None = None
+        """The vLLM engine that samples instead of `generate` (sampling.backend=vllm)."""
         self.pad_id: int = tokenizer.pad_token_id
         self.eos_id: int = tokenizer.eos_token_id
 
@@ -144,6 +150,24 @@ class Policy:
             else:
                 lm = add_lora(lm, lora, seed)
         return cls(lm, tokenizer, device, ensemble)
+
+    def use_vllm(self, model: ModelConfig, sampling: SamplingConfig, seed: int) -> None:
+        """Sample through an in-process vLLM engine from now on (sampling.backend=vllm); the
+        engine loads the base checkpoint and gets π_θ's merged weights at each `sync_vllm`."""
+        from bpo.vllm_backend import VLLMGenerator
+
+        self.vllm = VLLMGenerator(
+            model.path, model.dtype, seed, sampling.gpu_memory_utilization, self.eos_id,
+            sampling.max_model_len,
+        )  # fmt: skip
+        self.sync_vllm()
+
+    def sync_vllm(self) -> None:
+        """Push π_θ, merged, into the vLLM engine (π_β ← π_θ); no-op without one."""
+        if self.vllm is not None:
+            from bpo.vllm_backend import merged_weights
+
+            self.vllm.load_weights(merged_weights(self.model, self.ensemble))
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass instead of keeping them (less memory, one
@@ -220,6 +244,8 @@ class Policy:
         With `seed`, the draw comes from a generator seeded with it and leaves the global RNG
         as it was, so it depends on nothing that ran before.
         """
+        if self.vllm is not None:
+            return self.vllm.generate(prompt_ids, sampling, greedy, seed)
         config = generation_config(sampling, greedy, self.tokenizer)
         responses: list[list[int]] = []
         with _seeded(seed, self.device):
@@ -230,7 +256,7 @@ class Policy:
                     input_ids=input_ids, attention_mask=attention_mask, generation_config=config
                 )  # (n, P + new)
                 for row in out[:, input_ids.shape[1] :].tolist():
-                    responses.append(_cut_at_eos(row, self.eos_id))
+                    responses.append(cut_at_eos(row, self.eos_id))
         return responses
 
     def sample(
@@ -241,7 +267,10 @@ class Policy:
         greedy: bool = False,
     ) -> list[list[int]]:
         """`generate` in chunks of `sampling.batch_size` prompts, each seeded from (`seed`, its
-        index) and spread over the processes: the same responses on any number of them."""
+        index) and spread over the processes: the same responses on any number of them. A vLLM
+        engine (one process) takes all prompts at once and schedules its own batches."""
+        if self.vllm is not None:
+            return self.vllm.generate(prompt_ids, sampling, greedy, seed)
         return chunked_map(
             lambda chunk, chunk_seed: self.generate(chunk, sampling, greedy, chunk_seed),
             prompt_ids,
@@ -343,8 +372,9 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
+def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
     """A generated row up to and including its first EOS (what follows is padding)."""
+    tokens = list(tokens)
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 

@@ -74,6 +74,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     policy.merge()
     if accelerator.is_main_process:
         policy.save_merged(run.path / "model")
+    if cfg.sampling.backend == "vllm":
+        policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)  # gets the merged SFT weights
     eval_examples = task.eval[: cfg.eval.n_prompts]
     scorer = evaluation_judge(cfg, task.reward, policy.device)
     metrics = evaluate(

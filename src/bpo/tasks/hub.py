@@ -33,6 +33,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetsError
 from transformers import PreTrainedTokenizerBase
 
+from bpo.checks import ConfigError
 from bpo.tasks import Example, Task
 
 if TYPE_CHECKING:
@@ -69,9 +70,9 @@ def _parse_tldr(prompt: str, label: str) -> tuple[str, str]:
     (the fields on their own lines as in the data), and the human summary."""
     prompt = prompt.rstrip()
     if POST not in prompt:
-        raise ValueError(f"the prompt has no {POST!r} field: {prompt[:80]!r}")
+        raise ConfigError(f"the prompt has no {POST!r} field: {prompt[:80]!r}")
     if not prompt.endswith(TLDR):
-        raise ValueError(f"the prompt does not end with {TLDR!r}: ...{prompt[-80:]!r}")
+        raise ConfigError(f"the prompt does not end with {TLDR!r}: ...{prompt[-80:]!r}")
     return prompt, label
 
 
@@ -79,7 +80,7 @@ def _parse_hh(chosen: str) -> tuple[str, str]:
     """The transcript up to and including its last "\\n\\nAssistant:", and the reply after it."""
     at = chosen.rfind(ASSISTANT)
     if at < 0:
-        raise ValueError(f"the transcript has no {ASSISTANT!r} turn: {chosen[:80]!r}")
+        raise ConfigError(f"the transcript has no {ASSISTANT!r} turn: {chosen[:80]!r}")
     end = at + len(ASSISTANT)
     return chosen[:end], chosen[end:]
 
@@ -169,7 +170,7 @@ def _builder(path: Path) -> str:
     builders = _FILE_BUILDERS if name.endswith(".gz") else {**_FILE_BUILDERS, ".parquet": "parquet"}
     ext = Path(name.removesuffix(".gz")).suffix
     if ext not in builders:
-        raise ValueError(
+        raise ConfigError(
             f"task.dataset={str(path)!r}: a data file must be .json, .jsonl or .csv (each "
             "optionally .gz) or .parquet; convert it, or give its folder"
         )
@@ -192,13 +193,13 @@ def _load(cfg: TaskConfig, layout: _Layout) -> DatasetDict:
     local = Path(path).expanduser()
     if local.is_file():
         if cfg.data_dir is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"task.data_dir={cfg.data_dir!r}: task.dataset={path!r} is a data file, which has "
                 "no data_dir; remove task.data_dir or point task.dataset at the folder"
             )
         return _load_dataset(path, _builder(local), data_files=str(local))
     if not local.exists() and _looks_local(path):
-        raise ValueError(
+        raise ConfigError(
             f"task.dataset={path!r}: no such file or folder; give a Hub id (owner/name), a local "
             "folder or a data file (.json/.jsonl/.csv/.parquet)"
         )
@@ -213,7 +214,7 @@ def _load_dataset(path: str, *args: str, **kwargs: str) -> DatasetDict:
         return load_dataset(*args, **kwargs)
     except (OSError, ValueError, DatasetsError) as e:  # missing files, unreachable Hub, bad data
         where = f" (data_dir={kwargs['data_dir']!r})" if "data_dir" in kwargs else ""
-        raise ValueError(
+        raise ConfigError(
             f"task.dataset={path!r}{where}: load_dataset failed: {e}; give a Hub id, a local "
             "folder or a data file, and check task.data_dir"
         ) from e
@@ -227,7 +228,7 @@ def _split(splits: DatasetDict, name: str, field: str, path: str) -> Dataset:
     if list(splits) == ["train"]:
         hint = " (a data file is the one split 'train': set task.eval_split=train to hold out "
         hint += "its first rows for evaluation)"
-    raise ValueError(
+    raise ConfigError(
         f"task.{field}={name!r}: {path} has no split {name!r}; its splits: {', '.join(splits)}; "
         f"set task.{field} to one of them{hint}"
     )
@@ -239,7 +240,7 @@ def _rows(ds: Dataset, split: str, cfg: TaskConfig, layout: _Layout) -> list[_Ro
     columns = [getattr(cfg, f) for f in layout.columns]
     for f, column in zip(layout.columns, columns):
         if column not in ds.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"task.{f}={column!r}: split {split!r} has no column {column!r}; its columns: "
                 f"{', '.join(ds.column_names)}; set task.{f} to the column holding {_HOLDS[f]}"
             )
@@ -247,11 +248,11 @@ def _rows(ds: Dataset, split: str, cfg: TaskConfig, layout: _Layout) -> list[_Ro
     for i, values in enumerate(zip(*(ds[c][:] for c in columns))):  # [:]: lists, fast
         try:
             if not all(isinstance(v, str) for v in values):
-                raise ValueError(f"a value is not text: {values!r}")
+                raise ConfigError(f"a value is not text: {values!r}")
             prompt, reply = layout.parse(*values)
         except ValueError as e:
             f = layout.columns[0]
-            raise ValueError(
+            raise ConfigError(
                 f"task.{f}={columns[0]!r}: split {split!r} row {i}: {e}; fix the row, or point "
                 f"task.dataset at data in the {cfg.name} layout"
             ) from None
@@ -291,7 +292,7 @@ class _Fit:
             if n <= self.limit:
                 self.fitted[row.prompt] = row.prompt
             elif self.mode == "error":
-                raise ValueError(
+                raise ConfigError(
                     f"task.max_prompt_tokens={self.limit}: split {split!r} row {row.index} has a "
                     f"{n}-token prompt (task.long_prompts=error); raise task.max_prompt_tokens or "
                     "set task.long_prompts=truncate"
@@ -323,7 +324,7 @@ class _Fit:
         n_hi = self._lengths([cut(top) for top, cut in plans])
         for row, n in zip(rows, n_hi):
             if n > self.limit:
-                raise ValueError(
+                raise ConfigError(
                     f"task.max_prompt_tokens={self.limit}: split {split!r} row {row.index}: the "
                     f"prompt is {n} tokens even cut as far as it goes ({self.layout.keeps}); "
                     "raise task.max_prompt_tokens"
@@ -390,7 +391,7 @@ def _enough(cfg: TaskConfig, field: str, got: int, available: str) -> None:
     """An error when `task.<field>` asks for more than the `got` the data hold."""
     asked = getattr(cfg, field)
     if asked is not None and got < asked:
-        raise ValueError(
+        raise ConfigError(
             f"task.{field}={asked}: asks for more than the data hold: {got} {available}; lower "
             f"task.{field}" + (" or set it to null (all of them)" if field == "n_sft" else "")
         )
@@ -401,15 +402,15 @@ def _check(cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase | None) -> None:
     for field in ("n_sft", "n_align", "n_eval"):
         value = getattr(cfg, field)
         if value is not None and value < 0:
-            raise ValueError(f"task.{field}: must be >= 0, got {value}")
+            raise ConfigError(f"task.{field}: must be >= 0, got {value}")
     if cfg.max_prompt_tokens is not None:
         if cfg.max_prompt_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"task.max_prompt_tokens: must be >= 1 or null (no limit), got "
                 f"{cfg.max_prompt_tokens}"
             )
         if tokenizer is None:
-            raise ValueError(
+            raise ConfigError(
                 f"task.max_prompt_tokens={cfg.max_prompt_tokens} counts the policy's tokens: pass "
                 "its tokenizer, load_task(cfg, tokenizer), or set task.max_prompt_tokens=null"
             )
