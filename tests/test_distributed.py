@@ -19,6 +19,8 @@ from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
 
+from .conftest import TINY_TASK
+
 
 def test_bounds_split_evenly_and_cover_everything():
     for n in range(0, 12):
@@ -43,8 +45,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bpo_train(processes: int, overrides: list[str]) -> None:
-    """`bpo train` in fresh processes: plain Python for 1, torchrun (gloo) for more."""
+def _bpo(command: str, processes: int, overrides: list[str]) -> None:
+    """`bpo COMMAND` in fresh processes: plain Python for 1, torchrun (gloo) for more."""
     if processes == 1:
         launcher = [sys.executable, "-m", "bpo.cli"]
     else:
@@ -54,7 +56,7 @@ def _bpo_train(processes: int, overrides: list[str]) -> None:
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [*launcher, "train", *overrides], env=env, capture_output=True, text=True, timeout=600
+        [*launcher, command, *overrides], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -81,7 +83,7 @@ def test_two_processes_end_where_one_does(train_config, tmp_path, setting):
         cfg = train_config(f"p{processes}", *setting, *extra)
         config = tmp_path / f"p{processes}.yaml"
         config.write_text(to_yaml(cfg), encoding="utf-8")
-        _bpo_train(processes, [str(config)])
+        _bpo("train", processes, [str(config)])
         runs[processes] = Path(cfg.output_dir)
     one, two = (PreferencePool.read(RunDir(runs[p]).pool) for p in (1, 2))
     assert len(one) == len(two) == 16
@@ -100,3 +102,21 @@ def test_two_processes_end_where_one_does(train_config, tmp_path, setting):
         torch.testing.assert_close(weights_two[name], w, atol=1e-5, rtol=1e-4, msg=name)
     summaries = [json.loads(RunDir(runs[p]).summary.read_text()) for p in (1, 2)]
     assert summaries[0]["win_rate"] == summaries[1]["win_rate"]
+
+
+def test_sft_on_two_processes_ends_where_one_does(tiny_model, tmp_path):
+    """64 demonstrations in batches of 21: the last batch has one row, so one process has none
+    and must still take part (with a row of weight 0); a 2-member LoRA ensemble, micro-batches."""
+    common = [f"model.path={tiny_model}", *TINY_TASK, "epochs=1", "batch_size=21",
+              "finetune=lora", "lora.r=4", "lora.members=2", "device=cpu", "eval.n_prompts=4",
+              "sampling.max_new_tokens=4"]  # fmt: skip
+    _bpo("sft", 1, [f"output_dir={tmp_path / 'p1'}", *common])
+    _bpo("sft", 2, [f"output_dir={tmp_path / 'p2'}", *common, "micro_batch_size=4"])
+    losses = [
+        [r["loss"] for r in RunDir(tmp_path / p).read_metrics() if "loss" in r]
+        for p in ("p1", "p2")
+    ]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], abs=1e-5)
+    one, two = (load_file(tmp_path / p / "model" / "model.safetensors") for p in ("p1", "p2"))
+    for name, w in one.items():
+        torch.testing.assert_close(two[name], w, atol=1e-5, rtol=1e-4, msg=name)

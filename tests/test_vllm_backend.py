@@ -244,7 +244,8 @@ def test_real_engine_samples_the_pushed_policy(tmp_path):
 def test_train_samples_through_the_engine_with_the_behavior_weights(train_config, monkeypatch):
     """`bpo train` with sampling.backend=vllm, the engine faked by a transformers model that
     samples exactly as the hf backend does: the engine gets π_θ at the start, at every annotation
-    phase and before every evaluation, and the run repeats the hf run pair for pair."""
+    phase and before every evaluation (each version of it once), and the run repeats the hf run
+    pair for pair."""
     import bpo.checks
     import bpo.vllm_backend
     from bpo.online import train
@@ -272,7 +273,8 @@ def test_train_samples_through_the_engine_with_the_behavior_weights(train_config
     engine = train_config("vllm", *common, "sampling.backend=vllm")
     train(hf, progress=False)
     train(engine, progress=False)
-    assert len(pushes) == 1 + 2 + 3  # the start, phases at t = 0 and 2, evaluations at 0, 2, 4
+    # each version of π_θ once: θ_0 (start, eval 0, phase 0), θ_2 (eval 2, phase 2), θ_4 (eval 4)
+    assert len(pushes) == 3
     pools = [PreferencePool.read(f"{cfg.output_dir}/pool.jsonl") for cfg in (hf, engine)]
     assert [(p.chosen, p.rejected) for p in pools[0]] == [(p.chosen, p.rejected) for p in pools[1]]
     final = load_file(f"{engine.output_dir}/policy/model.safetensors")

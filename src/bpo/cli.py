@@ -40,6 +40,14 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return (paths[0] if paths else None), [a for a in args if "=" in a]
 
 
+def _show(summary: dict) -> None:
+    """Print a run's summary once, from the main process of a multi-process launch."""
+    from bpo.distributed import is_main
+
+    if is_main():
+        print(json.dumps(summary, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             from bpo.sft import sft
 
             path, overrides = _split(args.args)
-            print(json.dumps(sft(load_config(SFTConfig, path, overrides)), indent=2))
+            _show(sft(load_config(SFTConfig, path, overrides)))
         elif args.command == "train":
             from bpo.online import train
 
             path, overrides = _split(args.args)
-            print(json.dumps(train(load_config(TrainConfig, path, overrides)), indent=2))
+            _show(train(load_config(TrainConfig, path, overrides)))
         elif args.command == "train-rm":
             from bpo.reward_model import train_reward_model
 

@@ -175,6 +175,11 @@ def run_experiment(
     (root / "experiment.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     grid = cells(cfg)
     configs = {cell.path: train_config(cfg, cell) for cell in grid}  # all checked before any run
+    if any(c.sampling.backend == "vllm" for c in configs.values()):
+        raise ConfigError(
+            "train.sampling.backend: vllm engines are not shut down between an experiment's "
+            "runs; run vllm runs one by one with `bpo train`, or set sampling.backend=hf"
+        )
     if retry_failed:
         for cell in grid:
             if cell.status == "failed":

@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     collapsed_at = None  # the step at which a phase found no pairs, if one did
 
     def run_eval(step: int, final: bool = False) -> dict:
-        policy.sync_vllm()  # an evaluation need not fall on a phase's start
+        policy.sync_vllm(step)  # an evaluation need not fall on a phase's start
         metrics = evaluate(
             policy, eval_examples, eval_ids, scorer, cfg.sampling, sft_logps,
             cfg.logprob_batch_size, gold, run.eval_outputs if final else None,
@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
                 phase = t // cfg.K
                 # π_β ← π_θ: the current policy samples and scores its own pairs (lines 4–10)
-                policy.sync_vllm()
+                policy.sync_vllm(t)
                 try:
                     pairs, stats = collect_pairs(
                         policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,

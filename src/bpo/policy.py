@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
@@ -111,6 +112,8 @@ class Policy:
         self.ensemble = ensemble
         self.vllm: VLLMGenerator | None = None
         """The vLLM engine that samples instead of `generate` (sampling.backend=vllm)."""
+        self.vllm_version: int | None = None
+        """Which version of π_θ (`sync_vllm`) the engine holds."""
         self.pad_id: int = tokenizer.pad_token_id
         self.eos_id: int = tokenizer.eos_token_id
 
@@ -153,21 +156,26 @@ class Policy:
 
     def use_vllm(self, model: ModelConfig, sampling: SamplingConfig, seed: int) -> None:
         """Sample through an in-process vLLM engine from now on (sampling.backend=vllm); the
-        engine loads the base checkpoint and gets π_θ's merged weights at each `sync_vllm`."""
+        engine loads the base checkpoint and gets π_θ's merged weights now (as version 0, the
+        weights before any update) and at each `sync_vllm`."""
         from bpo.vllm_backend import VLLMGenerator
 
         self.vllm = VLLMGenerator(
             model.path, model.dtype, seed, sampling.gpu_memory_utilization, self.eos_id,
             sampling.max_model_len,
         )  # fmt: skip
-        self.sync_vllm()
+        self.sync_vllm(version=0)
 
-    def sync_vllm(self) -> None:
-        """Push π_θ, merged, into the vLLM engine (π_β ← π_θ); no-op without one."""
-        if self.vllm is not None:
-            from bpo.vllm_backend import merged_weights
+    def sync_vllm(self, version: int) -> None:
+        """Push π_θ, merged and in float32 arithmetic, into the vLLM engine (π_β ← π_θ), unless
+        it already holds `version` (e.g. the optimizer step); no-op without an engine."""
+        if self.vllm is None or self.vllm_version == version:
+            return
+        from bpo.vllm_backend import merged_weights
 
+        with torch.autocast(self.device.type, enabled=False):
             self.vllm.load_weights(merged_weights(self.model, self.ensemble))
+        self.vllm_version = version
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass instead of keeping them (less memory, one
@@ -178,13 +186,17 @@ class Policy:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        base.config.use_cache = False
 
     def distribute(self, accelerator: Accelerator) -> None:
-        """Wrap the model for multi-process training (DDP averages gradients over ranks); one
-        process is left as it is. Sampling and log-probs keep using the unwrapped model."""
+        """Wrap the model in DDP for multi-process training (it averages gradients over ranks);
+        one process is left as it is. Sampling and log-probs keep using the unwrapped model.
+
+        torch's DDP, not `accelerator.prepare_model`, which would also patch the unwrapped
+        model's forward with autocast: precision stays where the loops put `autocast()`.
+        """
         if accelerator.num_processes > 1:
-            self.train_model = accelerator.prepare_model(self.model)
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if self.ensemble:
@@ -431,6 +443,7 @@ def sequence_logps(
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=R + 1,
+        use_cache=False,  # teacher forcing needs no KV cache (nor gradient checkpointing's warning)
     ).logits[:, :-1]  # (N, R, V): the positions that predict response tokens
     targets = input_ids[:, -R:]  # (N, R)
     logits = logits.float()

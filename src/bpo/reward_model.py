@@ -90,6 +90,11 @@ def load_pairs(cfg: PairDataConfig, seed: int) -> PairData:
 def task_pairs(task: Task, rng: random.Random) -> tuple[list[Pair], int]:
     """Two candidate responses per alignment prompt, the one with the higher gold reward chosen;
     returns the pairs and how many were dropped as ties (identical candidates among them)."""
+    if task.reward is None:
+        raise ConfigError(
+            f"data.task: {task.name} is a dataset, without the gold reward that labels built-in "
+            "pairs; give data.pool (a `bpo train` run's pool.jsonl)"
+        )
     reward = load_function(task.reward, "data.task")
     demonstrate = task_demonstrator(task.name)
     pairs, ties = [], 0

@@ -34,6 +34,7 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
             "input_ids"
         ]
     ]
+    scorer = evaluation_judge(cfg, task.reward, policy.device)  # a missing judge fails now
     steps_per_epoch = -(-len(task.sft) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(
@@ -77,7 +78,6 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     if cfg.sampling.backend == "vllm":
         policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)  # gets the merged SFT weights
     eval_examples = task.eval[: cfg.eval.n_prompts]
-    scorer = evaluation_judge(cfg, task.reward, policy.device)
     metrics = evaluate(
         policy,
         eval_examples,
@@ -118,23 +118,27 @@ def _sft_step(
 
     Each micro-batch's summed NLL is divided by the whole batch's token count (times the number
     of processes, which DDP's averaging divides out), so the accumulated gradient is exactly the
-    one-process, one-forward gradient.
+    one-process, one-forward gradient. Every process takes the same number of micro-steps (DDP's
+    collectives must pair up): one whose share has run out passes a row with weight 0.
     """
     tokens = [sum(len(response_ids[i]) for i in rows) for rows in batch]  # per member, global
     scale = torch.tensor(tokens, dtype=torch.float, device=policy.device)[:, None]  # (k, 1)
     local = [list(local_slice(rows)) for rows in batch]
-    size = cfg.micro_batch_size or len(local[0])
-    starts = range(0, len(local[0]), size)
+    share = -(-len(batch[0]) // accelerator.num_processes)  # the largest process's share
+    size = cfg.micro_batch_size or share
+    starts = range(0, share, size)
     total = torch.zeros((), device=policy.device)
     for start in starts:
         idx = [i for rows in local for i in rows[start : start + size]]
+        weight = 1.0 if idx else 0.0
+        idx = idx or [rows[0] for rows in batch]  # a stand-in row per member, weight 0
         packed = pack([prompt_ids[i] for i in idx], [response_ids[i] for i in idx],
                       policy.pad_id, policy.device)  # fmt: skip
         sync = nullcontext() if start == starts[-1] else accelerator.no_sync(policy.train_model)
         with sync, policy.training():
             with accelerator.autocast():
                 logps = policy.member_logps(*packed)  # (k, micro)
-                loss = (-logps / scale).sum() * accelerator.num_processes
+                loss = (-logps / scale).sum() * accelerator.num_processes * weight
             accelerator.backward(loss)
         total += loss.detach()
     grad_norm = policy.clip_grad_norm_(cfg.max_grad_norm).mean().item()

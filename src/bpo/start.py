@@ -24,6 +24,12 @@ def open_run(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> tuple[RunDir,
             f"accelerate: {accelerator.distributed_type.value} is not supported; launch with "
             "DDP (`accelerate launch --config_file configs/accelerate/ddp.yaml` or `torchrun`)"
         )
+    if getattr(cfg, "sampling", None) and cfg.sampling.backend == "vllm":
+        if accelerator.num_processes > 1:
+            raise ConfigError(
+                f"sampling.backend: vllm samples in one process, got "
+                f"{accelerator.num_processes}; launch one process or set sampling.backend=hf"
+            )
     run = RunDir.create(cfg) if accelerator.is_main_process else RunDir(cfg.output_dir, False)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
