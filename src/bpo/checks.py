@@ -145,13 +145,7 @@ def validate_annotator(cfg: AnnotatorConfig) -> None:
             unread = ("encoding", "noise_temperature", "length_penalty")
             fix = " or use annotator.type=reward_model, which gives rewards"
             validate_labels(cfg.labels, "annotator.labels")
-    defaults = type(cfg).__dataclass_fields__
-    for name in unread:
-        if getattr(cfg, name) != _default(defaults[name]):
-            raise ConfigError(
-                f"annotator.{name}: set to {getattr(cfg, name)!r} but annotator.type={cfg.type} "
-                f"does not read it; remove annotator.{name}{fix}"
-            )
+    reject_unread(cfg, "annotator", unread, f"annotator.type={cfg.type}", fix)
 
 
 _PM_ONLY = ("labels", "answer_prefix")
@@ -182,26 +176,26 @@ def validate_sampling(cfg: SamplingConfig) -> None:
                 f"{cfg.gpu_memory_utilization}"
             )
         return
-    defaults = type(cfg).__dataclass_fields__
-    for name in ("gpu_memory_utilization", "max_model_len"):
-        if getattr(cfg, name) != _default(defaults[name]):
-            raise ConfigError(
-                f"sampling.{name}: set to {getattr(cfg, name)!r} but sampling.backend=hf does not "
-                f"read it; remove sampling.{name} or set sampling.backend=vllm"
-            )
+    unread = ("gpu_memory_utilization", "max_model_len")
+    reject_unread(cfg, "sampling", unread, "sampling.backend=hf", " or set sampling.backend=vllm")
 
 
 def validate_task(cfg: TaskConfig) -> None:
     """A built-in task reads none of the dataset fields: setting one is a mistake to report."""
-    if cfg.name not in ("digest", "quiz", "guard"):
-        return
+    if cfg.name in ("digest", "quiz", "guard"):
+        reject_unread(cfg, "task", DATASET_ONLY, f"the built-in task {cfg.name}",
+                      " or use a dataset task (tldr, hh_helpful, hh_harmless)")  # fmt: skip
+
+
+def reject_unread(cfg: object, prefix: str, names: tuple[str, ...], reader: str, fix: str) -> None:
+    """A field that `reader` does not read, set to other than its default, is an error (a
+    setting silently ignored is a mistake the user does not see)."""
     defaults = type(cfg).__dataclass_fields__
-    for name in DATASET_ONLY:
+    for name in names:
         if getattr(cfg, name) != _default(defaults[name]):
             raise ConfigError(
-                f"task.{name}: set to {getattr(cfg, name)!r} but the built-in task {cfg.name} "
-                f"does not read it; remove task.{name} or use a dataset task (tldr, hh_helpful, "
-                "hh_harmless)"
+                f"{prefix}.{name}: set to {getattr(cfg, name)!r} but {reader} does not read it; "
+                f"remove {prefix}.{name}{fix}"
             )
 
 
