@@ -21,7 +21,7 @@ from bpo.config import ConfigError, TrainConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import LogpFn, evaluate, gold_judge
 from bpo.losses import DAPLoss, get_loss
-from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs
+from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs, timed
 from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePair, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference
@@ -79,6 +79,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         disable=not (progress and accelerator.is_main_process),
     )
     for t in bar:
+        step_started, seconds = time.perf_counter(), {}  # wall time per stage of the step
         with accelerator.autocast():  # one precision for behavior log-probs and updates
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
                 phase = t // cfg.K
@@ -96,12 +97,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     collected.add(e.stats)
                     collapsed_at = t
                     break
-                pool.add(pairs)
+                seconds.update(stats.seconds)
+                with timed(seconds, "pool"):
+                    pool.add(pairs)
                 collected.add(stats)
             batch = local_slice(pool.pop(cfg.B))  # line 12; this process's share
-            metrics = dap_update(policy, reference, batch, loss_fn, cfg, optimizer, accelerator)
-        scheduler.step()
-        reference.update(policy)  # ema: θ' ← τθ + (1−τ)θ' (Eq. 6); no-op otherwise
+            with timed(seconds, "update"):
+                metrics = dap_update(policy, reference, batch, loss_fn, cfg, optimizer, accelerator)
+                scheduler.step()
+                reference.update(policy)  # ema: θ' ← τθ + (1−τ)θ' (Eq. 6); no-op otherwise
         record = {
             "step": t + 1,
             "phase": t // cfg.K,
@@ -109,6 +113,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             "annotator_calls": annotator.calls,
             "learning_rate": scheduler.get_last_lr()[0],
             **metrics,
+            **{f"time/{stage}": value for stage, value in seconds.items()},
+            "time/step": time.perf_counter() - step_started,
         }
         run.log(record)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", margin=f"{metrics['rewards/margins']:.2f}")

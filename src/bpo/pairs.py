@@ -10,8 +10,10 @@ from the behavior model that sampled them.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
 
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.config import ConfigError, SamplingConfig
@@ -56,18 +58,36 @@ class PromptSampler:
 
 @dataclass
 class CollectionStats:
-    """What an annotation phase cost and what it dropped."""
+    """What an annotation phase cost and what it dropped, with its wall time per stage
+    (sampling, annotation, behavior_logps) in seconds."""
 
     prompts: int = 0
     dropped_identical: int = 0
     dropped_ties: int = 0
     responses_scored: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: CollectionStats) -> None:
         self.prompts += other.prompts
         self.dropped_identical += other.dropped_identical
         self.dropped_ties += other.dropped_ties
         self.responses_scored += other.responses_scored
+        for stage, seconds in other.seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def timed(self, stage: str) -> AbstractContextManager[None]:
+        """Add the block's wall time to `seconds[stage]`."""
+        return timed(self.seconds, stage)
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[stage]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 Candidate = tuple[int, list[int], list[int], str, str, float]
@@ -120,9 +140,10 @@ def collect_pairs(
         if not kept:
             continue
         kept_prompts = [prompt_ids[e[0]] for e in kept]
-        behavior = policy.logps_batched(
-            kept_prompts * 2, [e[1] for e in kept] + [e[2] for e in kept], logprob_batch_size
-        ).tolist()  # log π_β(y_w|x), then log π_β(y_l|x): teacher-forced from the sampler
+        with stats.timed("behavior_logps"):
+            behavior = policy.logps_batched(
+                kept_prompts * 2, [e[1] for e in kept] + [e[2] for e in kept], logprob_batch_size
+            ).tolist()  # log π_β(y_w|x), then log π_β(y_l|x): teacher-forced from the sampler
         for n, (j, chosen, rejected, chosen_text, rejected_text, margin) in enumerate(kept):
             pairs.append(
                 PreferencePair(
@@ -162,15 +183,17 @@ def _two_samples(
     seed: int,
 ) -> list[Candidate]:
     """y1, y2 ~ π_β(·|x), identical pairs dropped, the rest compared by the annotator."""
-    samples = policy.sample([p for p in prompt_ids for _ in range(2)], sampling, seed)
+    with stats.timed("sampling"):
+        samples = policy.sample([p for p in prompt_ids for _ in range(2)], sampling, seed)
     first, second = samples[0::2], samples[1::2]
     distinct = [j for j in range(len(prompts)) if first[j] != second[j]]
     stats.dropped_identical += len(prompts) - len(distinct)
     if not distinct:
         return []
-    text_a = policy.decode([first[j] for j in distinct])
-    text_b = policy.decode([second[j] for j in distinct])
-    margins = on_main(lambda: annotator.compare([prompts[j] for j in distinct], text_a, text_b))
+    with stats.timed("annotation"):  # decoding included: the annotator reads text
+        text_a = policy.decode([first[j] for j in distinct])
+        text_b = policy.decode([second[j] for j in distinct])
+        margins = on_main(lambda: annotator.compare([prompts[j] for j in distinct], text_a, text_b))
     kept = []
     for k, margin in enumerate(margins):
         if margin == 0 and ties == "drop":
@@ -207,15 +230,18 @@ def _best_vs_worst(
     for g, temperature in enumerate(groups):
         batch = [p for p in prompt_ids for _ in range(n // len(groups))]
         group_sampling = replace(sampling, temperature=temperature)
-        for i, response in enumerate(policy.sample(batch, group_sampling, draw_seed(seed, g))):
+        with stats.timed("sampling"):
+            responses = policy.sample(batch, group_sampling, draw_seed(seed, g))
+        for i, response in enumerate(responses):
             per_prompt[i // (n // len(groups))].append(response)
     unique = [list({tuple(r): r for r in rs}.values()) for rs in per_prompt]
     flat = [(j, r) for j, rs in enumerate(unique) if len(rs) > 1 for r in rs]
     stats.dropped_identical += sum(len(rs) < 2 for rs in unique)
     if not flat:
         return []
-    texts = policy.decode([r for _, r in flat])
-    scores = on_main(lambda: annotator.score([prompts[j] for j, _ in flat], texts))
+    with stats.timed("annotation"):
+        texts = policy.decode([r for _, r in flat])
+        scores = on_main(lambda: annotator.score([prompts[j] for j, _ in flat], texts))
     stats.responses_scored += len(flat)
     kept = []
     for j in sorted({j for j, _ in flat}):
