@@ -52,8 +52,8 @@ def test_pool_pops_without_replacement(tmp_path):
 
 
 def test_stored_behavior_logps_are_teacher_forced(train_config, tiny_model):
-    """With F = 1 the behavior model is the initial policy; recompute each pair alone."""
-    cfg = train_config("offline", "method=offline_dpo")
+    """BPO with F = 1: the behavior model is the initial policy; recompute each pair alone."""
+    cfg = train_config("offline", "method=bpo", "F=1")
     train(cfg, progress=False)
     behavior = Policy.load(ModelConfig(tiny_model), "full", LoraConfig(), 0, torch.device("cpu"))
     for pair in PreferencePool.read(RunDir(cfg.output_dir).pool):
@@ -185,3 +185,44 @@ def test_pairs_annotated_before_a_collapse_are_kept(train_config, monkeypatch):
     pool = PreferencePool.read(RunDir(cfg.output_dir).pool)
     assert [p.phase for p in pool] == [0] * 8 + [1] * 3
     assert summary["pairs_annotated"] == 11 and summary["collapsed_at_step"] == 2
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_own_logps_shortcut_changes_no_result(train_config, monkeypatch, finetune):
+    """On-policy BPO with one model takes π_ref's log-probs from the update's own forward
+    (no stored values, no second pass). The same run with them computed at collection and
+    stored, and the same run with them recomputed by a reference forward (an EMA reference with
+    τ = 1, θ' = θ before every step), give the same losses and parameters."""
+    import bpo.online
+    import bpo.reference
+
+    runs = {"own": train_config("own", "method=on_policy_bpo", f"finetune={finetune}")}
+    runs["recomputed"] = train_config(
+        "recomputed", "method=on_policy_dpo", "reference=ema", "ema_tau=1.0", f"finetune={finetune}"
+    )
+    for name in runs:
+        train(runs[name], progress=False)
+    monkeypatch.setattr(bpo.reference, "reads_own_logps", lambda cfg, policy: False)
+    monkeypatch.setattr(bpo.online, "stores_behavior_logps", lambda cfg, policy: True)
+    runs["stored"] = train_config("stored", "method=on_policy_bpo", f"finetune={finetune}")
+    train(runs["stored"], progress=False)
+    assert all(
+        p.behavior_chosen_logp is None
+        for p in PreferencePool.read(RunDir(runs["own"].output_dir).pool)
+    )
+    assert all(
+        p.behavior_chosen_logp is not None
+        for p in PreferencePool.read(RunDir(runs["stored"].output_dir).pool)
+    )
+    losses = {
+        n: [r["loss"] for r in RunDir(c.output_dir).read_metrics() if "loss" in r]
+        for n, c in runs.items()
+    }
+    file = "model.safetensors" if finetune == "full" else "adapter_model.safetensors"
+    weights = {n: load_file(RunDir(c.output_dir).policy / file) for n, c in runs.items()}
+    for name in ("stored", "recomputed"):
+        assert losses[name] == pytest.approx(losses["own"], abs=1e-5)
+        for key, w in weights["own"].items():
+            torch.testing.assert_close(
+                weights[name][key], w, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}"
+            )

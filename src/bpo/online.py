@@ -24,7 +24,7 @@ from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs, timed
 from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePair, PreferencePool
-from bpo.reference import Reference, SnapshotReference, make_reference
+from bpo.reference import Reference, SnapshotReference, make_reference, stores_behavior_logps
 from bpo.start import start_run
 
 
@@ -51,8 +51,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     eval_ids = policy.encode_prompts([e.prompt for e in eval_examples])
     sft_logps = _sft_logps(cfg, policy, reference) if cfg.eval.kl else None
     loss_fn = get_loss(cfg.loss)
-    optimizer = torch.optim.AdamW(
-        policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters, on CPU and CUDA
+        policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
     pool = PreferencePool(run.pool if run.writer else None)
@@ -90,6 +90,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                         policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
                         tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
                         cfg.pairs.temperatures, seed=cfg.seed,
+                        behavior_logps=stores_behavior_logps(cfg, policy),
                     )  # fmt: skip
                 except PolicyCollapsed as e:  # nothing left to learn from: stop, keep the run
                     warnings.warn(f"{e}; stopping after {t} of {cfg.T} steps", stacklevel=1)
@@ -192,17 +193,21 @@ def dap_update(
 
 def _dap_loss(
     policy: Policy,
-    reference_logps: tuple[torch.Tensor, torch.Tensor],
+    reference_logps: tuple[torch.Tensor, torch.Tensor] | None,
     batch: PairBatch,
     loss_fn: DAPLoss,
     cfg: TrainConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The batch's loss (each ensemble member's own mean, summed) and its metrics."""
+    """The batch's loss (each ensemble member's own mean, summed) and its metrics. Reference
+    log-probs None: the policy's own, detached (`OwnReference`)."""
     k = policy.members
     packed = tuple(t.repeat(k, 1) for t in batch.packed)  # (k·2B, L): a copy per member
     logps = policy.member_logps(*packed)  # (k, 2B): one chosen+rejected forward
     policy_chosen, policy_rejected = logps.chunk(2, dim=1)  # (k, B), (k, B)
-    reference_chosen, reference_rejected = reference_logps
+    reference_chosen, reference_rejected = reference_logps or (
+        policy_chosen.detach()[0],
+        policy_rejected.detach()[0],
+    )
     if cfg.loss == "ipo" and cfg.ipo_average_logps:
         chosen_len, rejected_len = batch.lengths
         policy_chosen, reference_chosen = policy_chosen / chosen_len, reference_chosen / chosen_len

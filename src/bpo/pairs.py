@@ -108,6 +108,7 @@ def collect_pairs(
     temperatures: Sequence[float] = (),
     max_rounds: int = 20,
     seed: int = 0,
+    behavior_logps: bool = True,
 ) -> tuple[list[PreferencePair], CollectionStats]:
     """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ.
 
@@ -115,7 +116,8 @@ def collect_pairs(
     the best and the worst (RLHF Workflow, arXiv 2405.07863, Algorithm 2), the samples split
     evenly over `temperatures` when given. Each round samples from its own seed, drawn from
     (`seed`, `phase`, round); with several processes the sampling is split between them and the
-    annotator answers on the main one.
+    annotator answers on the main one. With `behavior_logps` False (no loss reads them) the
+    teacher-forced pass that computes them is skipped and the pairs store None.
     """
     pairs: list[PreferencePair] = []
     stats = CollectionStats()
@@ -140,10 +142,14 @@ def collect_pairs(
         if not kept:
             continue
         kept_prompts = [prompt_ids[e[0]] for e in kept]
-        with stats.timed("behavior_logps"):
-            behavior = policy.logps_batched(
-                kept_prompts * 2, [e[1] for e in kept] + [e[2] for e in kept], logprob_batch_size
-            ).tolist()  # log π_β(y_w|x), then log π_β(y_l|x): teacher-forced from the sampler
+        behavior = [None] * (2 * len(kept))
+        if behavior_logps:
+            with stats.timed("behavior_logps"):
+                behavior = policy.logps_batched(
+                    kept_prompts * 2,
+                    [e[1] for e in kept] + [e[2] for e in kept],
+                    logprob_batch_size,
+                ).tolist()  # log π_β(y_w|x), then log π_β(y_l|x): teacher-forced by the sampler
         for n, (j, chosen, rejected, chosen_text, rejected_text, margin) in enumerate(kept):
             pairs.append(
                 PreferencePair(

@@ -29,8 +29,10 @@ class PreferencePair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    behavior_chosen_logp: float
-    behavior_rejected_logp: float
+    behavior_chosen_logp: float | None
+    behavior_rejected_logp: float | None
+    """None when no loss reads them: a reference other than the behavior, or BPO with K = 1 and
+    one model, where π_β = π_θ at the pair's update and the update's own forward gives them."""
     phase: int
     margin: float
     """The annotator's preference strength for y_w over y_l (e.g. a reward difference)."""

@@ -40,6 +40,19 @@ class BehaviorReference:
         pass
 
 
+class OwnReference:
+    """π_ref = π_θ at the update itself: BPO with K = 1 and one model, where every pair is
+    updated on once, at the weights that sampled it, so π_β = π_θ there (dropout is off). The
+    update's forward gives the reference log-probs (detached, `logps` returns None): no stored
+    values, no second forward."""
+
+    def logps(self, batch: PairBatch, policy: Policy) -> None:
+        return None
+
+    def update(self, policy: Policy) -> None:
+        pass
+
+
 class SnapshotReference:
     """π_ref from a snapshot of the policy's trainable weights: sft (τ = 0) or ema (τ > 0)."""
 
@@ -90,7 +103,17 @@ class GoldReference:
 def make_reference(cfg: TrainConfig, policy: Policy) -> Reference:
     """The reference named by `cfg.reference`."""
     if cfg.reference == "behavior":
-        return BehaviorReference()
+        return OwnReference() if reads_own_logps(cfg, policy) else BehaviorReference()
     if cfg.reference == "gold":
         return GoldReference(cfg.reference_path, cfg.model.dtype, policy.device)
     return SnapshotReference(policy, tau=cfg.ema_tau if cfg.reference == "ema" else 0.0)
+
+
+def reads_own_logps(cfg: TrainConfig, policy: Policy) -> bool:
+    """Whether π_β's log-probs of a pair are the policy's own at its update (K = 1, one model)."""
+    return cfg.reference == "behavior" and cfg.K == 1 and policy.members == 1
+
+
+def stores_behavior_logps(cfg: TrainConfig, policy: Policy) -> bool:
+    """Whether the loss reads stored behavior log-probs, so collection must compute them."""
+    return cfg.reference == "behavior" and not reads_own_logps(cfg, policy)

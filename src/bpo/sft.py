@@ -37,8 +37,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     scorer = evaluation_judge(cfg, task.reward, policy.device)  # a missing judge fails now
     steps_per_epoch = -(-len(task.sft) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(
-        policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters, on CPU and CUDA
+        policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     k = policy.members  # an ensemble trains all k members, each on its own data order
