@@ -34,7 +34,10 @@ from pathlib import Path
 
 B = 16  # prompts per step = pairs per step
 MAX_NEW_TOKENS = 10
-LR = {"full": 3e-4, "lora": 1e-3}
+LR = {  # (model, mode) -> learning rate; the large model needs a small one not to collapse
+    ("tiny", "full"): 3e-4, ("tiny", "lora"): 1e-3,
+    ("large", "full"): 1e-5, ("large", "lora"): 1e-4,
+}  # fmt: skip
 LORA_R, LORA_ALPHA = 16, 32
 MODELS = {  # name -> build_tiny_llama sizes
     "tiny": {"hidden_size": 96, "num_layers": 3, "num_heads": 3},
@@ -48,17 +51,17 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    impl = spec["impl"]
-    step_seconds, stages = (run_bpo if impl == "bpo" else run_trl)(spec)
-    kept = step_seconds[spec["warmup"] :]
+    run = (run_bpo if spec["impl"] == "bpo" else run_trl)(spec)
+    w = spec["warmup"]
     return {
-        "pairs_per_s": B / statistics.median(kept),
+        "pairs_per_s": B / statistics.median(run["step_seconds"][w:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "stages_ms": {k: 1000 * statistics.median(v[spec["warmup"] :]) for k, v in stages.items()},
+        "stages_ms": {k: 1000 * statistics.median(v[w:]) for k, v in run["stages"].items()},
+        "prompts_per_pair": run["prompts_per_pair"],
     }
 
 
-def run_bpo(spec: dict) -> tuple[list[float], dict[str, list[float]]]:
+def run_bpo(spec: dict) -> dict:
     from bpo.config import TrainConfig, load_config
     from bpo.online import train
     from bpo.rundir import RunDir
@@ -67,21 +70,25 @@ def run_bpo(spec: dict) -> tuple[list[float], dict[str, list[float]]]:
     overrides = [
         f"output_dir={out}", f"model.path={spec['model']}", f"method={spec['method']}",
         f"finetune={spec['finetune']}", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
-        f"lr={LR[spec['finetune']]}", f"T={spec['steps']}", f"B={B}", "beta=0.1",
+        f"lr={spec['lr']}", f"T={spec['steps']}", f"B={B}", "beta=0.1", "annotator.ties=random",
         f"sampling.max_new_tokens={MAX_NEW_TOKENS}", "eval.every=0", "eval.n_prompts=8",
         "eval.kl=false", "device=cpu", "task.n_sft=0", "task.n_align=2000", "task.n_eval=8",
     ]  # fmt: skip
-    train(load_config(TrainConfig, overrides=overrides), progress=False)
+    summary = train(load_config(TrainConfig, overrides=overrides), progress=False)
     steps = [r for r in RunDir(out).read_metrics() if "loss" in r]
     stages = {
         k.removeprefix("time/"): [r.get(k, 0.0) for r in steps]
         for k in steps[0]
         if k.startswith("time/") and k != "time/step"
     }
-    return [r["time/step"] for r in steps], stages
+    # bpo drops pairs of identical responses and samples more prompts in their place (TRL trains
+    # on them, with a zero loss); ties are broken at random in both
+    per_pair = summary["prompts_sampled"] / summary["pairs_annotated"]
+    return {"step_seconds": [r["time/step"] for r in steps], "stages": stages,
+            "prompts_per_pair": per_pair}  # fmt: skip
 
 
-def run_trl(spec: dict) -> tuple[list[float], dict[str, list[float]]]:
+def run_trl(spec: dict) -> dict:
     import warnings
 
     from datasets import Dataset
@@ -116,7 +123,7 @@ def run_trl(spec: dict) -> tuple[list[float], dict[str, list[float]]]:
     args = OnlineDPOConfig(
         output_dir=spec["out"], use_cpu=True, bf16=False, gradient_checkpointing=False,
         per_device_train_batch_size=B, gradient_accumulation_steps=1, max_steps=spec["steps"],
-        learning_rate=LR[spec["finetune"]], lr_scheduler_type="constant", warmup_steps=0,
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, beta=0.1, loss_type="sigmoid", max_new_tokens=MAX_NEW_TOKENS,
         temperature=1.0, top_k=0, top_p=1.0, disable_dropout=True, logging_steps=1,
         report_to="none", save_strategy="no", eval_strategy="no", seed=0,
@@ -134,7 +141,7 @@ def run_trl(spec: dict) -> tuple[list[float], dict[str, list[float]]]:
         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer],
     )  # fmt: skip
     trainer.train()
-    return timer.seconds, {}
+    return {"step_seconds": timer.seconds, "stages": {}, "prompts_per_pair": 1.0}
 
 
 def build_models(root: Path, names: list[str]) -> dict[str, str]:
@@ -179,8 +186,8 @@ def main() -> None:
                     impl, method = variant.split()
                     steps = args.steps if name == "tiny" else args.large_steps
                     spec = {"impl": impl, "method": method, "finetune": mode, "model": path,
-                            "steps": steps, "warmup": min(args.warmup, steps - 1),
-                            "threads": args.threads,
+                            "lr": LR[(name, mode)], "steps": steps,
+                            "warmup": min(args.warmup, steps - 1), "threads": args.threads,
                             "out": str(root / f"{name}-{mode}-{impl}-{method}-{rep}")}  # fmt: skip
                     results.setdefault((name, mode, variant), []).append(spawn(spec))
                     print(f"rep {rep} {name} {mode} {variant}: "
@@ -196,15 +203,16 @@ def report(results: dict[tuple[str, str, str], list[dict]], args: argparse.Names
         f"{args.repeats} repetitions, {args.threads} torch thread(s) per run, B = {B} pairs per "
         f"step, {MAX_NEW_TOKENS} new tokens; medians.",
         "",
-        "| model | mode | variant | pairs/s | × TRL | peak RSS (MB) | × TRL |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | mode | variant | pairs/s | × TRL | peak RSS (MB) | × TRL | prompts/pair |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (name, mode, variant), runs in results.items():
         trl = results[(name, mode, "trl online_dpo")]
         speed, rss = med(runs, "pairs_per_s"), med(runs, "peak_rss_mb")
+        per_pair = med(runs, "prompts_per_pair")
         lines.append(
             f"| {name} | {mode} | {variant} | {speed:.1f} | {speed / med(trl, 'pairs_per_s'):.2f} "
-            f"| {rss:.0f} | {rss / med(trl, 'peak_rss_mb'):.2f} |"
+            f"| {rss:.0f} | {rss / med(trl, 'peak_rss_mb'):.2f} | {per_pair:.2f} |"
         )
     lines += ["", "bpo step by stage (ms, medians):", ""]
     stages = sorted({s for (_, _, v), runs in results.items() if v.startswith("bpo")
