@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -87,11 +88,9 @@ class PreferencePool:
         self.added += len(pairs)
 
     def _write(self, pairs: list[PreferencePair]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(asdict(pair)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append the pairs in one write, then flush and fsync: a crash leaves at most the
+        last record half-written, which `read` detects and drops."""
+        append_records(self.path, [asdict(pair) for pair in pairs])
 
     def pop(self, n: int) -> list[PreferencePair]:
         """The next n pairs, removed from the pool (Algorithm 1, lines 12–13)."""
@@ -108,6 +107,48 @@ class PreferencePool:
 
     @staticmethod
     def read(path: str | Path) -> list[PreferencePair]:
-        """Every pair recorded in a pool file, in order."""
-        with open(path, encoding="utf-8") as f:
-            return [PreferencePair(**json.loads(line)) for line in f if line.strip()]
+        """Every pair recorded in a pool file, in order (a half-written last record dropped with
+        a warning)."""
+        return [PreferencePair(**record) for record in read_records(path)]
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append JSON lines in one write, flushed and fsync'd before returning."""
+    if not records:
+        return
+    data = "".join(json.dumps(r) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: str | Path, repair: bool = False) -> list[dict]:
+    """The JSON lines of an append-only file. A last line without its newline is a record a
+    crash cut short: dropped with a warning (and, with `repair`, cut from the file, so that the
+    run that owns it appends cleanly). A bad line elsewhere is corruption: an error naming the
+    file and the line."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: line {number} is not a JSON record ({e}); the file is corrupt: restore "
+                "it from a copy or remove the line"
+            ) from None
+    if tail.strip():
+        warnings.warn(
+            f"{path}: dropped a half-written last record ({len(tail)} bytes; a crash cut it "
+            "short)",
+            stacklevel=2,
+        )
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(tail))
+    return records
