@@ -2,7 +2,7 @@
 
     bpo demo [--out DIR] [--quick] [--task NAME]
     bpo sft CONFIG.yaml [key=value ...]
-    bpo train CONFIG.yaml [key=value ...]
+    bpo train CONFIG.yaml [key=value ...] [--resume]
     bpo train-rm CONFIG.yaml [key=value ...]
     bpo train-pm CONFIG.yaml [key=value ...]
     bpo experiment CONFIG.yaml [key=value ...] [--retry-failed]
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     xp = sub.add_parser("experiment", help="a grid of runs with statistics, RESULTS.md, plots")
     xp.add_argument("args", nargs="*", metavar="CONFIG|key=value")
     xp.add_argument("--retry-failed", action="store_true", help="train failed runs again")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from bpo.online import train
 
             path, overrides = _split(args.args)
-            _show(train(load_config(TrainConfig, path, overrides)))
+            _show(train(load_config(TrainConfig, path, overrides), resume=args.resume))
         elif args.command == "train-rm":
             from bpo.reward_model import train_reward_model
 

@@ -231,6 +231,11 @@ class TrainConfig:
     once."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    checkpoint_every: int = 50
+    """Write a checkpoint (weights, optimizer, RNGs, pool position) every this many steps, for
+    `bpo train --resume`; 0: none (a resumed run then starts again, replaying its annotations)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     seed: int = 0
     """Seed of sampling, LoRA initialisation and data order."""
     device: str = "auto"

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
+from bpo.checkpoint import AnnotationLog
 from bpo.config import ConfigError, TrainConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import LogpFn, evaluate, gold_judge
@@ -25,13 +26,15 @@ from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_p
 from bpo.policy import Policy
 from bpo.pool import PairBatch, PreferencePair, PreferencePool
 from bpo.reference import Reference, SnapshotReference, make_reference, stores_behavior_logps
+from bpo.resume import Checkpointed
 from bpo.start import start_run
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Run Algorithm 1 as configured; write the run directory and return its summary."""
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run Algorithm 1 as configured; write the run directory and return its summary. With
+    `resume`, continue an interrupted run from its last checkpoint, replaying its annotations."""
     started = time.perf_counter()
-    run, accelerator, task, policy = start_run(cfg)
+    run, accelerator, task, policy = start_run(cfg, resume)
     if cfg.B % accelerator.num_processes:
         raise ConfigError(
             f"B: {cfg.B} pairs per step do not split over {accelerator.num_processes} processes; "
@@ -40,12 +43,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.sampling.backend == "vllm":  # before the optimizer and reference take memory
         policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)
     reference = make_reference(cfg, policy)
-    annotator = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
+    judge = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
     scorer = (  # eval.scorer, else the annotator without its label noise
         FunctionAnnotator(cfg.eval.scorer, field="eval.scorer")
         if cfg.eval.scorer
-        else evaluation_scorer(annotator)
+        else evaluation_scorer(judge)
     )
+    annotator = AnnotationLog(judge, run.annotations if run.writer else None, resume)
     gold = gold_judge(scorer, task.reward)  # a learned judge is also checked against the gold
     eval_examples = task.eval[: cfg.eval.n_prompts]
     eval_ids = policy.encode_prompts([e.prompt for e in eval_examples])
@@ -55,13 +59,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-    pool = PreferencePool(run.pool if run.writer else None)
+    pool = PreferencePool(run.pool, writer=run.writer)
     sampler = PromptSampler(
         task.align_prompts, policy.encode_prompts(task.align_prompts), seed=cfg.seed
     )
     tie_rng = random.Random(cfg.seed)
     collected = CollectionStats()
     collapsed_at = None  # the step at which a phase found no pairs, if one did
+    state = Checkpointed(policy, optimizer, scheduler, reference, sampler, tie_rng, collected,
+                         annotator, pool, run)  # fmt: skip
+    start = state.restore() if resume else 0
 
     def run_eval(step: int, final: bool = False) -> dict:
         policy.sync_vllm(step)  # an evaluation need not fall on a phase's start
@@ -72,9 +79,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         run.log({"step": step, **metrics})
         return metrics
 
-    final_eval = run_eval(0)
+    final_eval = run_eval(0) if start == 0 else {}
     bar = tqdm(
-        range(cfg.T),
+        range(start, cfg.T),
         desc=f"{cfg.method} ({cfg.loss})",
         disable=not (progress and accelerator.is_main_process),
     )
@@ -122,6 +129,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         last = t + 1 == cfg.T
         if last or (cfg.eval.every and (t + 1) % cfg.eval.every == 0):
             final_eval = run_eval(t + 1, final=last)
+        if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and not last:
+            state.save(t + 1, cfg.keep_checkpoints)
     if collapsed_at is not None:
         final_eval = run_eval(collapsed_at, final=True)
     if accelerator.is_main_process:

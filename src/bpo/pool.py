@@ -72,17 +72,18 @@ class PairBatch:
 
 class PreferencePool:
     """Durable FIFO of annotated pairs: `add` writes to disk first, `pop` never returns a pair
-    twice. With `path` None it lives in memory (the pools of a multi-process run's other ranks,
-    which hold the same pairs as the main one's)."""
+    twice. With `writer` False it only reads `path` (the pools of a multi-process run's other
+    ranks, which hold the same pairs as the main one's, written by it)."""
 
-    def __init__(self, path: str | Path | None) -> None:
+    def __init__(self, path: str | Path | None, writer: bool = True) -> None:
         self.path = Path(path) if path is not None else None
+        self.writer = writer and path is not None
         self._pending: deque[PreferencePair] = deque()
         self.added = 0
         self.popped = 0
 
     def add(self, pairs: list[PreferencePair]) -> None:
-        if self.path is not None:
+        if self.writer:
             self._write(pairs)
         self._pending.extend(pairs)
         self.added += len(pairs)
@@ -91,6 +92,25 @@ class PreferencePool:
         """Append the pairs in one write, then flush and fsync: a crash leaves at most the
         last record half-written, which `read` detects and drops."""
         append_records(self.path, [asdict(pair) for pair in pairs])
+
+    def restore(self, added: int, popped: int) -> None:
+        """Return to a checkpoint: the first `added` recorded pairs, `popped` of them used. Pairs
+        recorded after the checkpoint are cut from the file (a resumed run collects them again,
+        its annotations replayed)."""
+        records = read_records(self.path, repair=True) if self.path.exists() else []
+        if len(records) < added:
+            raise ValueError(
+                f"{self.path}: {len(records)} pairs, but the checkpoint had {added}; the pool "
+                "file was changed or lost: restore it, or start a new output_dir"
+            )
+        if self.writer:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records[:added]), encoding="utf-8")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._pending = deque(PreferencePair(**r) for r in records[popped:added])
+        self.added, self.popped = added, popped
 
     def pop(self, n: int) -> list[PreferencePair]:
         """The next n pairs, removed from the pool (Algorithm 1, lines 12–13)."""
@@ -144,8 +164,7 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
             ) from None
     if tail.strip():
         warnings.warn(
-            f"{path}: dropped a half-written last record ({len(tail)} bytes; a crash cut it "
-            "short)",
+            f"{path}: dropped a half-written last record ({len(tail)} bytes; a crash cut it short)",
             stacklevel=2,
         )
         if repair:

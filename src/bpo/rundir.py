@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from bpo.config import PairTrainingConfig, SFTConfig, TrainConfig, to_yaml
+from bpo.config import ConfigError, PairTrainingConfig, SFTConfig, TrainConfig, to_yaml
 
 
 class RunDir:
@@ -30,6 +30,43 @@ class RunDir:
         run.path.mkdir(parents=True, exist_ok=True)
         run.config.write_text(to_yaml(cfg), encoding="utf-8")
         return run
+
+    @classmethod
+    def reopen(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
+        """The run directory of an interrupted run, to resume; its config must be `cfg`'s."""
+        run = cls(cfg.output_dir)
+        if not run.config.is_file():
+            raise FileNotFoundError(
+                f"output_dir: {run.path} holds no run to resume (no config.yaml); drop --resume "
+                "to start one"
+            )
+        saved, ours = run.config.read_text(encoding="utf-8").splitlines(), to_yaml(cfg).splitlines()
+        changed = [f"{a.strip()!r} -> {b.strip()!r}" for a, b in zip(saved, ours) if a != b]
+        if changed or len(saved) != len(ours):
+            raise ConfigError(
+                f"--resume: the config differs from the run's in {run.path}/config.yaml "
+                f"({', '.join(changed[:3]) or 'fields added or removed'}); resume with the same "
+                "config, or start a new output_dir"
+            )
+        return run
+
+    def keep_metrics(self, n: int) -> None:
+        """Cut metrics.jsonl to its first n records (those a checkpoint had logged)."""
+        if not self.writer or not self.metrics.exists():
+            return
+        lines = self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+        tmp = self.metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line for line in lines[:n] if line.endswith("\n")), encoding="utf-8")
+        os.replace(tmp, self.metrics)
+
+    @property
+    def annotations(self) -> Path:
+        """Every annotator answer, in order: replayed on resume instead of asked again."""
+        return self.path / "annotations.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
 
     @property
     def config(self) -> Path:

@@ -14,7 +14,9 @@ from bpo.tasks import Task, load_task
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
-def open_run(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> tuple[RunDir, Accelerator]:
+def open_run(
+    cfg: TrainConfig | SFTConfig | PairTrainingConfig, resume: bool = False
+) -> tuple[RunDir, Accelerator]:
     """Create the run directory (with the resolved config; the main process writes it), pick
     the device, precision and processes with accelerate, and seed every RNG."""
     AcceleratorState._reset_state()  # this run's precision, not an earlier run's in-process
@@ -30,15 +32,20 @@ def open_run(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> tuple[RunDir,
                 f"sampling.backend: vllm samples in one process, got "
                 f"{accelerator.num_processes}; launch one process or set sampling.backend=hf"
             )
-    run = RunDir.create(cfg) if accelerator.is_main_process else RunDir(cfg.output_dir, False)
+    if not accelerator.is_main_process:
+        run = RunDir(cfg.output_dir, writer=False)
+    else:
+        run = RunDir.reopen(cfg) if resume else RunDir.create(cfg)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     return run, accelerator
 
 
-def start_run(cfg: TrainConfig | SFTConfig) -> tuple[RunDir, Accelerator, Task, Policy]:
+def start_run(
+    cfg: TrainConfig | SFTConfig, resume: bool = False
+) -> tuple[RunDir, Accelerator, Task, Policy]:
     """`open_run`, then load the policy on the run's device and the task with its tokenizer."""
-    run, accelerator = open_run(cfg)
+    run, accelerator = open_run(cfg, resume)
     policy = Policy.load(cfg.model, cfg.finetune, cfg.lora, cfg.seed, accelerator.device)
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()

@@ -1,0 +1,97 @@
+"""Exact resume: `bpo train` killed with SIGKILL at random moments and resumed each time ends with
+the parameters, metrics, pool and annotations of an uninterrupted run; no label is asked twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bpo.config import to_yaml
+from bpo.pool import read_records
+from bpo.rundir import RunDir
+
+SETTING = [
+    "method=bpo", "F=6", "T=12", "B=4",  # K = 2: pairs wait in the pool across a step
+    "annotator.noise_temperature=0.5", "annotator.ties=random",  # the annotator's and tie RNGs
+    "checkpoint_every=1", "keep_checkpoints=2", "eval.every=4", "finetune=full",
+]  # fmt: skip
+
+
+def _launch(config: Path, resume: bool) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    args = [sys.executable, "-m", "bpo.cli", "train", str(config)] + (
+        ["--resume"] if resume else []
+    )
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _strip(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_sigkill_and_resume_end_where_an_uninterrupted_run_ends(train_config, tmp_path):
+    reference = train_config("whole", *SETTING)
+    config = tmp_path / "whole.yaml"
+    config.write_text(to_yaml(reference), encoding="utf-8")
+    assert _launch(config, resume=False).wait(timeout=300) == 0
+
+    killed = train_config("killed", *SETTING)
+    config = tmp_path / "killed.yaml"
+    config.write_text(to_yaml(killed), encoding="utf-8")
+    metrics = RunDir(killed.output_dir).metrics
+    rng, kills, resume = random.Random(0), 0, False
+    while True:
+        before = metrics.stat().st_mtime_ns if metrics.exists() else None
+        proc = _launch(config, resume)
+        while proc.poll() is None and (  # this process has begun (restored, or evaluated)
+            not metrics.exists() or metrics.stat().st_mtime_ns == before
+        ):
+            time.sleep(0.005)
+        target = _lines(metrics) + rng.randint(2, 5)  # then 2-5 steps or evaluations later,
+        while proc.poll() is None and _lines(metrics) < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.1))  # at a random moment of what follows
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills, resume = kills + 1, True
+        assert kills < 40, "the run never finished"
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    assert kills >= 2
+
+    whole, resumed = RunDir(reference.output_dir), RunDir(killed.output_dir)
+    assert _strip(resumed.read_metrics()) == _strip(whole.read_metrics())
+    assert read_records(resumed.pool) == read_records(whole.pool)  # no pair lost or twice
+    asked = [r["question"] for r in read_records(resumed.annotations)]
+    assert asked == [r["question"] for r in read_records(whole.annotations)]  # each once
+    a, b = (load_file(run.policy / "model.safetensors") for run in (whole, resumed))
+    for name, tensor in a.items():
+        assert torch.equal(b[name], tensor), name
+    summary = json.loads(resumed.summary.read_text())
+    assert summary["annotator_calls"] == json.loads(whole.summary.read_text())["annotator_calls"]
+
+
+def test_resume_refuses_another_config(train_config, tmp_path):
+    from bpo.config import ConfigError
+    from bpo.online import train
+
+    train(train_config("run", "method=on_policy_bpo", "T=2"), progress=False)
+    with pytest.raises(
+        ConfigError, match=r"--resume: the config differs .*'beta: 0.1' -> 'beta: 0.2'"
+    ):
+        train(train_config("run", "method=on_policy_bpo", "T=2", "beta=0.2"), resume=True)
