@@ -3,7 +3,9 @@ the parameters, metrics, pool and annotations of an uninterrupted run; no label 
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import signal
@@ -95,3 +97,79 @@ def test_resume_refuses_another_config(train_config, tmp_path):
         ConfigError, match=r"--resume: the config differs .*'beta: 0.1' -> 'beta: 0.2'"
     ):
         train(train_config("run", "method=on_policy_bpo", "T=2", "beta=0.2"), resume=True)
+
+
+CALLS = {"n": 0}
+
+
+def flaky_reward(prompt: str, response: str) -> float:
+    """Fails on its first call of each run, then answers by length."""
+    CALLS["n"] += 1
+    if CALLS["n"] == 1:
+        raise ConnectionError("judge unreachable")
+    return float(len(response))
+
+
+def nan_reward(prompt: str, response: str) -> float:
+    """NaN for about one response in five: a judge that breaks on some inputs."""
+    return math.nan if len(response) % 5 == 0 else float(len(response))
+
+
+def test_a_failing_call_is_retried(train_config):
+    from bpo.online import train
+
+    CALLS["n"] = 0
+    cfg = train_config("flaky", "method=on_policy_bpo", "T=2",
+                       "eval.scorer=bpo.tasks.digest:reward",
+                       "annotator.function=tests.test_resume:flaky_reward")  # fmt: skip
+    summary = train(cfg, progress=False)
+    assert summary["pairs_annotated"] == 8 and summary["dropped_failed"] == 0
+
+
+def test_a_judge_that_keeps_failing_stops_or_is_skipped(train_config, capsys):
+    from bpo.cli import main
+    from bpo.online import train
+
+    common = [
+        "method=on_policy_bpo",
+        "T=2",
+        "annotator.function=tests.test_resume:nan_reward",
+        "eval.scorer=bpo.tasks.digest:reward",
+    ]  # the evaluation's judge works
+    stop = train_config("stop", *common)
+    assert main(["train", str(_yaml(stop))]) == 2
+    err = capsys.readouterr().err
+    assert "annotator: failed 3 times (ValueError: " in err
+    assert "nan_reward: returned non-finite rewards [nan" in err
+    assert "set annotator.on_failure=skip" in err
+    skip = train_config("skip", *common, "annotator.on_failure=skip", "annotator.ties=random")
+    summary = train(skip, progress=False)
+    assert summary["dropped_failed"] > 0 and summary["pairs_annotated"] == 8
+
+
+def test_disk_full_stops_with_a_message_and_loses_nothing_written(train_config, monkeypatch):
+    import bpo.pool
+    from bpo.online import train
+    from bpo.pool import DiskFull
+
+    cfg = train_config("full", "method=on_policy_bpo", "T=3")
+    real_fsync, writes = os.fsync, {"n": 0}
+
+    def fsync(fd):  # the third durable write finds the disk full
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(bpo.pool.os, "fsync", fsync)
+    with pytest.raises(DiskFull, match=r"disk full while appending to .*--resume"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(bpo.pool.os, "fsync", real_fsync)
+    summary = train(cfg, progress=False, resume=True)
+    assert summary["pairs_annotated"] == 12
+
+
+def _yaml(cfg) -> Path:
+    path = Path(cfg.output_dir).with_suffix(".yaml")
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    return path

@@ -10,6 +10,7 @@ Sampling needs no state: each phase draws from seeds named by (seed, phase, roun
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -88,6 +89,10 @@ def set_rng_state(rng: random.Random, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
+class AnnotatorError(RuntimeError):
+    """The annotator kept failing and `annotator.on_failure` is stop."""
+
+
 class AnnotationLog(RewardAnnotator):
     """The run's annotator, every answer appended to `path` (fsync'd) the moment it is given.
 
@@ -97,10 +102,18 @@ class AnnotationLog(RewardAnnotator):
     processes of a multi-process run, whose annotator the main one answers for).
     """
 
-    def __init__(self, inner: Annotator, path: Path | None, resume: bool) -> None:
+    def __init__(
+        self,
+        inner: Annotator,
+        path: Path | None,
+        resume: bool,
+        retries: int = 2,
+        on_failure: str = "stop",
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.path = path
+        self.retries, self.on_failure = retries, on_failure
         self.replay: deque[dict] = deque()
         self.answered = 0  # records answered so far (logged or replayed)
         if path is not None and path.exists():
@@ -122,7 +135,9 @@ class AnnotationLog(RewardAnnotator):
         for rng, state in zip(_rngs(self.inner), states):
             set_rng_state(rng, state)
 
-    def _answer(self, method: str, question: dict, ask: Callable[[], list[float]]) -> list[float]:
+    def _answer(
+        self, method: str, question: dict, ask: Callable[[list[int]], list[float]]
+    ) -> list[float]:
         self.answered += 1
         if self.replay:
             record = self.replay.popleft()
@@ -134,7 +149,8 @@ class AnnotationLog(RewardAnnotator):
                 )
             self._set_rngs(record["rng"])
             return record["answers"]
-        answers = ask()
+        size = len(question["prompts"])
+        answers = self._ask(ask, size)
         if self.path is not None:
             rngs = [rng_state(rng) for rng in _rngs(self.inner)]
             append_records(
@@ -143,9 +159,46 @@ class AnnotationLog(RewardAnnotator):
             )
         return answers
 
+    def _ask(self, ask: Callable[[list[int]], list[float]], size: int) -> list[float]:
+        """`ask(indices)` answers those questions. All at once, tried again up to `retries`
+        times while it raises or answers NaN / inf; then stop (AnnotatorError), or (skip) ask one
+        question at a time, NaN for those that still fail (their pairs are dropped)."""
+        everything = list(range(size))
+        answers, problem = self._attempt(ask, everything, self.retries + 1)
+        if not problem:
+            return answers
+        if self.on_failure == "stop":
+            raise AnnotatorError(
+                f"annotator: failed {self.retries + 1} times ({problem}); fix it and resume with "
+                "`bpo train ... --resume`, or set annotator.on_failure=skip to drop such pairs"
+            )
+        return [self._attempt(ask, [i], 1)[0][0] for i in everything] if size > 1 else answers
+
+    @staticmethod
+    def _attempt(
+        ask: Callable[[list[int]], list[float]], indices: list[int], tries: int
+    ) -> tuple[list[float], str]:
+        """Answers to `indices` (NaN where not finite) and what went wrong, if anything."""
+        problem = ""
+        for _ in range(tries):
+            try:
+                answers = [float(x) for x in ask(indices)]
+            except Exception as e:  # a user's function or a remote judge may fail in any way
+                problem = f"{type(e).__name__}: {e}"
+                continue
+            bad = [x for x in answers if not math.isfinite(x)]
+            if not bad:
+                return answers, ""
+            problem = f"it answered {bad[:3]}"
+        return [math.nan] * len(indices), problem
+
     def _compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
         question = {"prompts": list(prompts), "a": list(a), "b": list(b)}
-        return self._answer("compare", question, lambda: self.inner._compare(prompts, a, b))
+
+        def ask(idx: list[int]) -> list[float]:
+            return self.inner._compare(*([seq[i] for i in idx] for seq in (prompts, a, b)))
+
+        return self._answer("compare", question, ask)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         if not isinstance(self.inner, RewardAnnotator):
@@ -154,7 +207,11 @@ class AnnotationLog(RewardAnnotator):
                 f"{type(self.inner).__name__} only compares pairs; use samples_per_prompt=2"
             )
         question = {"prompts": list(prompts), "responses": list(responses)}
-        return self._answer("score", question, lambda: self.inner.score(prompts, responses))
+
+        def ask(idx: list[int]) -> list[float]:
+            return self.inner.score([prompts[i] for i in idx], [responses[i] for i in idx])
+
+        return self._answer("score", question, ask)
 
 
 def _rngs(annotator: Any) -> list[random.Random]:

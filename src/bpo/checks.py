@@ -127,6 +127,8 @@ def validate_annotator(cfg: AnnotatorConfig) -> None:
     for name in ("noise_temperature", "length_penalty"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"annotator.{name}: must be >= 0, got {getattr(cfg, name)}; 0: off")
+    if cfg.retries < 0:
+        raise ConfigError(f"annotator.retries: must be >= 0, got {cfg.retries}")
     for name in ("max_length", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"annotator.{name}: must be >= 1, got {getattr(cfg, name)}")

@@ -21,6 +21,7 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
+from bpo.checkpoint import AnnotatorError
 from bpo.config import (
     ConfigError,
     ExperimentConfig,
@@ -30,6 +31,7 @@ from bpo.config import (
     TrainConfig,
     load_config,
 )
+from bpo.pool import DiskFull
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             from bpo.evaluate import evaluate_run
 
             print(json.dumps(evaluate_run(args.run_dir), indent=2))
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, AnnotatorError, DiskFull) as e:
         print(f"bpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

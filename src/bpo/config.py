@@ -146,6 +146,11 @@ class AnnotatorConfig:
     """Reward r − coef·|y|, |y| in characters (RLHF Workflow, arXiv 2405.07863, Eq. 9); 0: none."""
     ties: Literal["drop", "random"] = "drop"
     """What to do with a pair the annotator scores equal."""
+    retries: int = 2
+    """Times a failed annotator call (it raised, or answered NaN / inf) is tried again."""
+    on_failure: Literal["stop", "skip"] = "stop"
+    """After the retries: stop the run, naming the error (resume it with --resume once fixed),
+    or skip the call's pairs and go on (counted as dropped_failed)."""
     labels: list[str] = field(default_factory=lambda: ["A", "B"])
     """A preference_model's answers "first is better" and "second is better": two single tokens
     (as `bpo train-pm` trained it)."""

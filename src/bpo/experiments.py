@@ -3,8 +3,8 @@
 The grid is the product of `grid`'s value lists over `train`'s shared fields. Each run gets its
 own run directory under `runs/`, named by the grid values that vary. A run is finished when it
 has a `summary.json` (or a `failed.json`, for a run that stopped with an error: a missing
-reference checkpoint, say); an experiment started again skips finished runs and trains
-unfinished ones from the start.
+reference checkpoint, say); an experiment started again skips finished runs and resumes
+unfinished ones from their last checkpoint (`bpo train --resume`), replaying their annotations.
 Every built-in task's SFT model is trained once, before the runs that start from it.
 """
 
@@ -139,9 +139,8 @@ def _run_cell(args: tuple[TrainConfig, int]) -> tuple[str, str]:
     from bpo.online import train
 
     path = Path(cfg.output_dir)
-    shutil.rmtree(path, ignore_errors=True)  # an unfinished run starts again
     try:
-        train(cfg, progress=False)
+        train(cfg, progress=False, resume=(path / "config.yaml").is_file())  # an unfinished run
     except (RuntimeError, ValueError, OSError) as e:  # a bad value, a missing file, ...
         path.mkdir(parents=True, exist_ok=True)
         (path / "failed.json").write_text(

@@ -49,7 +49,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         if cfg.eval.scorer
         else evaluation_scorer(judge)
     )
-    annotator = AnnotationLog(judge, run.annotations if run.writer else None, resume)
+    annotator = AnnotationLog(
+        judge, run.annotations if run.writer else None, resume, cfg.annotator.retries,
+        cfg.annotator.on_failure,
+    )  # fmt: skip
     gold = gold_judge(scorer, task.reward)  # a learned judge is also checked against the gold
     eval_examples = task.eval[: cfg.eval.n_prompts]
     eval_ids = policy.encode_prompts([e.prompt for e in eval_examples])
@@ -152,6 +155,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         "prompts_sampled": collected.prompts,
         "dropped_identical": collected.dropped_identical,
         "dropped_ties": collected.dropped_ties,
+        "dropped_failed": collected.dropped_failed,
         "responses_scored": collected.responses_scored,
         "collapsed_at_step": collapsed_at,
         "prompts_truncated": task.truncated,

@@ -9,6 +9,7 @@ from the behavior model that sampled them.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,8 @@ class CollectionStats:
     prompts: int = 0
     dropped_identical: int = 0
     dropped_ties: int = 0
+    dropped_failed: int = 0
+    """Pairs (or best-vs-worst prompts) the annotator failed on (annotator.on_failure=skip)."""
     responses_scored: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -71,6 +74,7 @@ class CollectionStats:
         self.prompts += other.prompts
         self.dropped_identical += other.dropped_identical
         self.dropped_ties += other.dropped_ties
+        self.dropped_failed += other.dropped_failed
         self.responses_scored += other.responses_scored
         for stage, seconds in other.seconds.items():
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -202,6 +206,9 @@ def _two_samples(
         margins = on_main(lambda: annotator.compare([prompts[j] for j in distinct], text_a, text_b))
     kept = []
     for k, margin in enumerate(margins):
+        if math.isnan(margin):  # the annotator failed on it (annotator.on_failure=skip)
+            stats.dropped_failed += 1
+            continue
         if margin == 0 and ties == "drop":
             stats.dropped_ties += 1
             continue
@@ -251,7 +258,10 @@ def _best_vs_worst(
     stats.responses_scored += len(flat)
     kept = []
     for j in sorted({j for j, _ in flat}):
-        rows = [m for m, (jj, _) in enumerate(flat) if jj == j]
+        rows = [m for m, (jj, _) in enumerate(flat) if jj == j and not math.isnan(scores[m])]
+        if len(rows) < 2:  # the annotator failed on its samples (annotator.on_failure=skip)
+            stats.dropped_failed += 1
+            continue
         best = max(rows, key=lambda m: scores[m])
         worst = min(rows, key=lambda m: scores[m])
         if scores[best] == scores[worst]:

@@ -7,6 +7,7 @@ draws prompts at random.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -132,15 +133,29 @@ class PreferencePool:
         return [PreferencePair(**record) for record in read_records(path)]
 
 
+class DiskFull(OSError):
+    """No space left to record annotations: the run stops; what was written is whole."""
+
+
 def append_records(path: Path, records: list[dict]) -> None:
     """Append JSON lines in one write, flushed and fsync'd before returning."""
     if not records:
         return
     data = "".join(json.dumps(r) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(
+            errno.ENOSPC,
+            f"disk full while appending to {path}: free space on its disk, then continue with "
+            "`bpo train ... --resume` (a half-written record is dropped; every answer given "
+            "before is in annotations.jsonl)",
+        ) from None
 
 
 def read_records(path: str | Path, repair: bool = False) -> list[dict]:
