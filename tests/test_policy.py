@@ -73,3 +73,33 @@ def test_lora_save_and_load_round_trip(policy, tiny_model, tmp_path):
     torch.testing.assert_close(again.logps(prompts, [[20, 21, 2]]), expected)
     assert all(p.requires_grad for p in again.trainable_parameters())
     assert again.trainable_parameters()
+
+
+def test_a_missing_model_path_names_the_field(tmp_path):
+    from bpo.config import ConfigError, LoraConfig, ModelConfig
+    from bpo.policy import Policy
+
+    with pytest.raises(
+        ConfigError, match=r"^model.path: could not load .*nowhere.*save_pretrained"
+    ):
+        Policy.load(
+            ModelConfig(str(tmp_path / "nowhere")), "full", LoraConfig(), 0, torch.device("cpu")
+        )
+
+
+def test_a_tokenizer_without_pad_token_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from bpo.config import ConfigError, LoraConfig, ModelConfig
+    from bpo.policy import Policy
+
+    shutil.copytree(tiny_model, tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(
+        ConfigError, match=r"model.path: the tokenizer of .* has no pad token; set one"
+    ):
+        Policy.load(ModelConfig(str(tmp_path / "m")), "full", LoraConfig(), 0, torch.device("cpu"))
