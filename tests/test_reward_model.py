@@ -13,8 +13,6 @@ from bpo.annotators import PreferenceModelAnnotator, RewardModelAnnotator
 from bpo.cli import main
 from bpo.config import (
     ConfigError,
-    PreferenceModelConfig,
-    RewardModelConfig,
     TrainConfig,
     load_config,
 )
@@ -28,6 +26,7 @@ from bpo.reward_model import (
     train_preference_model,
     train_reward_model,
 )
+from bpo.rm_config import PreferenceModelConfig, RewardModelConfig
 from bpo.rundir import RunDir
 
 DIGEST_PAIRS = ["data.task.n_sft=0", "data.task.n_eval=0", "data.task.n_align=2000"]

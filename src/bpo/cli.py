@@ -25,13 +25,12 @@ from bpo.checkpoint import AnnotatorError
 from bpo.config import (
     ConfigError,
     ExperimentConfig,
-    PreferenceModelConfig,
-    RewardModelConfig,
     SFTConfig,
     TrainConfig,
     load_config,
 )
 from bpo.pool import DiskFull
+from bpo.rm_config import PreferenceModelConfig, RewardModelConfig
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str]]:

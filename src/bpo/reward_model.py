@@ -42,13 +42,15 @@ from bpo.annotators import (
 from bpo.config import (
     ConfigError,
     ModelConfig,
+)
+from bpo.policy import DTYPES, disable_dropout
+from bpo.pool import PreferencePool
+from bpo.rm_config import (
     PairDataConfig,
     PairTrainingConfig,
     PreferenceModelConfig,
     RewardModelConfig,
 )
-from bpo.policy import DTYPES, disable_dropout
-from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
 from bpo.start import open_run
 from bpo.tasks import Task, load_task, task_demonstrator

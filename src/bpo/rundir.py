@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from bpo.config import ConfigError, PairTrainingConfig, SFTConfig, TrainConfig, to_yaml
+from bpo.config import ConfigError, SFTConfig, TrainConfig, to_yaml
+from bpo.rm_config import PairTrainingConfig
 
 
 class RunDir:

@@ -6,8 +6,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
-from bpo.config import ConfigError, PairTrainingConfig, SFTConfig, TrainConfig
+from bpo.config import ConfigError, SFTConfig, TrainConfig
 from bpo.policy import Policy
+from bpo.rm_config import PairTrainingConfig
 from bpo.rundir import RunDir
 from bpo.tasks import Task, load_task
 
