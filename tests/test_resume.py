@@ -173,3 +173,41 @@ def _yaml(cfg) -> Path:
     path = Path(cfg.output_dir).with_suffix(".yaml")
     path.write_text(to_yaml(cfg), encoding="utf-8")
     return path
+
+
+def test_sft_interrupted_and_resumed_ends_where_an_uninterrupted_run_ends(
+    tiny_model, tmp_path, monkeypatch
+):
+    """An SFT run stopped at its 5th step (after the checkpoint at step 4) and resumed gives
+    the uninterrupted run's metrics and weights, bit for bit."""
+    import bpo.sft
+    from bpo.config import SFTConfig, load_config
+    from bpo.sft import sft
+
+    from .conftest import TINY_TASK
+
+    def config(name: str) -> SFTConfig:
+        return load_config(SFTConfig, overrides=[
+            f"output_dir={tmp_path / name}", f"model.path={tiny_model}", *TINY_TASK,
+            "epochs=2", "batch_size=16", "checkpoint_every=2", "device=cpu",
+            "eval.n_prompts=4", "sampling.max_new_tokens=4",
+        ])  # fmt: skip
+
+    sft(config("whole"), progress=False)
+    step, calls = bpo.sft._sft_step, {"n": 0}
+
+    def crash_at_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(bpo.sft, "_sft_step", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        sft(config("resumed"), progress=False)
+    monkeypatch.setattr(bpo.sft, "_sft_step", step)
+    sft(config("resumed"), progress=False, resume=True)
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
+    assert resumed.read_metrics() == whole.read_metrics()
+    a, b = (load_file(run.path / "model" / "model.safetensors") for run in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

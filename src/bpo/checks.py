@@ -90,9 +90,7 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ConfigError(f"beta: must be > 0, got {cfg.beta}; the paper uses beta=0.1")
     if cfg.micro_batch_size is not None:
         positive(cfg, "micro_batch_size")
-    positive(cfg, "keep_checkpoints")
-    if cfg.checkpoint_every < 0:
-        raise ConfigError(f"checkpoint_every: must be >= 0 (0: none), got {cfg.checkpoint_every}")
+    validate_checkpoints(cfg)
     if cfg.lr <= 0:
         raise ConfigError(f"lr: must be > 0, got {cfg.lr}; the paper uses lr=5e-5")
     if cfg.reference == "gold" and not cfg.reference_path:
@@ -159,6 +157,12 @@ DATASET_ONLY = (
     "dataset", "data_dir", "train_split", "eval_split", "prompt_column", "label_column",
     "chosen_column", "max_prompt_tokens", "long_prompts",
 )  # fmt: skip
+
+
+def validate_checkpoints(cfg: TrainConfig | SFTConfig) -> None:
+    positive(cfg, "keep_checkpoints")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every: must be >= 0 (0: none), got {cfg.checkpoint_every}")
 
 
 def validate_device(cfg: TrainConfig | SFTConfig) -> None:

@@ -1,7 +1,7 @@
 """The `bpo` command: a thin layer over the Python API.
 
     bpo demo [--out DIR] [--quick] [--task NAME]
-    bpo sft CONFIG.yaml [key=value ...]
+    bpo sft CONFIG.yaml [key=value ...] [--resume]
     bpo train CONFIG.yaml [key=value ...] [--resume]
     bpo train-rm CONFIG.yaml [key=value ...]
     bpo train-pm CONFIG.yaml [key=value ...]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
-        if name == "train":
+        if name in ("sft", "train"):
             p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     xp = sub.add_parser("experiment", help="a grid of runs with statistics, RESULTS.md, plots")
     xp.add_argument("args", nargs="*", metavar="CONFIG|key=value")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             from bpo.sft import sft
 
             path, overrides = _split(args.args)
-            _show(sft(load_config(SFTConfig, path, overrides)))
+            _show(sft(load_config(SFTConfig, path, overrides), resume=args.resume))
         elif args.command == "train":
             from bpo.online import train
 

@@ -20,6 +20,7 @@ from bpo.checks import (
     positive,
     resolve_method,
     validate_annotator,
+    validate_checkpoints,
     validate_device,
     validate_lora,
     validate_sampling,
@@ -299,6 +300,11 @@ class SFTConfig:
     batch; None: the whole batch at once."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    checkpoint_every: int = 200
+    """Write a checkpoint (weights, optimizer, scheduler) every this many steps, for
+    `bpo sft --resume`; 0: none."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
@@ -315,6 +321,7 @@ class SFTConfig:
         positive(self, "epochs", "batch_size")
         if self.micro_batch_size is not None:
             positive(self, "micro_batch_size")
+        validate_checkpoints(self)
         validate_lora(self)
         validate_device(self)
         if self.lr <= 0:

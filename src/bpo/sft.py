@@ -16,17 +16,20 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from bpo.checkpoint import load_checkpoint, save_checkpoint
 from bpo.config import SFTConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import evaluate, evaluation_judge
 from bpo.policy import Policy, pack
+from bpo.rundir import RunDir
 from bpo.start import start_run
 
 
-def sft(cfg: SFTConfig, progress: bool = True) -> dict:
-    """Fine-tune on the task's demonstrations; write the run directory and return its summary."""
+def sft(cfg: SFTConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Fine-tune on the task's demonstrations; write the run directory and return its summary.
+    With `resume`, continue an interrupted run from its last checkpoint."""
     started = time.perf_counter()
-    run, accelerator, task, policy = start_run(cfg)
+    run, accelerator, task, policy = start_run(cfg, resume)
     prompt_ids = policy.encode_prompts([e.prompt for e in task.sft])
     response_ids = [
         ids + [policy.eos_id]
@@ -41,8 +44,9 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
         policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    first = _restore(run, policy, optimizer, scheduler) if resume else 0
     k = policy.members  # an ensemble trains all k members, each on its own data order
-    order_rngs = [random.Random(cfg.seed + i) for i in range(k)]
+    order_rngs = [random.Random(cfg.seed + i) for i in range(k)]  # replayed on resume
     bar = tqdm(
         total=total_steps, desc="sft", disable=not (progress and accelerator.is_main_process)
     )
@@ -53,6 +57,10 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
             orders.append(list(range(len(task.sft))))
             rng.shuffle(orders[-1])
         for start in range(0, len(task.sft), cfg.batch_size):
+            if step < first:  # done before the checkpoint this run resumed from
+                step += 1
+                bar.update()
+                continue
             batch = [order[start : start + cfg.batch_size] for order in orders]  # k × n
             optimizer.zero_grad(set_to_none=True)
             loss, grad_norm = _sft_step(policy, accelerator, cfg, prompt_ids, response_ids, batch)
@@ -69,6 +77,8 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
             run.log(record)
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                _checkpoint(run, policy, optimizer, scheduler, step, cfg.keep_checkpoints)
     bar.close()
     if cfg.finetune == "lora" and accelerator.is_main_process:
         policy.save(run.path / "policy")  # the adapter(s), for preference runs' lora.init_from
@@ -102,6 +112,32 @@ def sft(cfg: SFTConfig, progress: bool = True) -> dict:
     }
     run.write_summary(summary)
     return summary
+
+
+def _checkpoint(run: RunDir, policy: Policy, optimizer, scheduler, step: int, keep: int) -> None:
+    """Weights, optimizer and scheduler after `step` steps (the data order is replayed from the
+    seed on resume, so it needs no state)."""
+    if run.writer:
+        tensors = {f"param.{i}": p for i, p in enumerate(policy.trainable_parameters())}
+        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        host = {"step": step, "metrics": len(run.read_metrics())}
+        save_checkpoint(run.checkpoints, step, tensors, objects, host, keep)
+
+
+@torch.no_grad()
+def _restore(run: RunDir, policy: Policy, optimizer, scheduler) -> int:
+    """Put the newest checkpoint back; return its step (0 without one)."""
+    found = load_checkpoint(run.checkpoints, policy.device)
+    if found is None:
+        run.keep_metrics(0)
+        return 0
+    tensors, objects, host = found
+    for i, p in enumerate(policy.trainable_parameters()):
+        p.copy_(tensors[f"param.{i}"])
+    optimizer.load_state_dict(objects["optimizer"])
+    scheduler.load_state_dict(objects["scheduler"])
+    run.keep_metrics(host["metrics"])
+    return host["step"]
 
 
 def _sft_step(
