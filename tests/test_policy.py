@@ -103,3 +103,23 @@ def test_a_tokenizer_without_pad_token_is_refused(tiny_model, tmp_path):
         ConfigError, match=r"model.path: the tokenizer of .* has no pad token; set one"
     ):
         Policy.load(ModelConfig(str(tmp_path / "m")), "full", LoraConfig(), 0, torch.device("cpu"))
+
+
+def test_prompts_longer_than_the_model_reads_are_refused(tmp_path):
+    from bpo.config import ConfigError, TrainConfig, load_config
+    from bpo.online import train
+    from bpo.tasks.digest import build_tokenizer
+    from bpo.tiny import build_tiny_llama
+
+    short = build_tiny_llama(
+        build_tokenizer(), tmp_path / "m", hidden_size=16, num_heads=2, max_position_embeddings=24
+    )
+    overrides = [f"output_dir={tmp_path / 'run'}", f"model.path={short}", "method=on_policy_bpo",
+                 "T=1", "B=2", "device=cpu", "task.n_sft=0", "task.n_align=8",
+                 "task.n_eval=4"]  # fmt: skip
+    expected = (
+        r"^task.max_prompt_tokens: the longest of the alignment prompts is \d+ tokens, and 16 "
+        r"more must fit in the model's 24; set task.max_prompt_tokens=8"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        train(load_config(TrainConfig, overrides=overrides), progress=False)

@@ -63,9 +63,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
     )
     scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
     pool = PreferencePool(run.pool, writer=run.writer)
-    sampler = PromptSampler(
-        task.align_prompts, policy.encode_prompts(task.align_prompts), seed=cfg.seed
-    )
+    align_ids = policy.encode_prompts(task.align_prompts)
+    policy.check_room(align_ids, cfg.sampling.max_new_tokens, "alignment prompts")
+    policy.check_room(eval_ids, cfg.sampling.max_new_tokens, "evaluation prompts")
+    sampler = PromptSampler(task.align_prompts, align_ids, seed=cfg.seed)
     tie_rng = random.Random(cfg.seed)
     collected = CollectionStats()
     collapsed_at = None  # the step at which a phase found no pairs, if one did

@@ -240,6 +240,19 @@ class Policy:
         """Token ids of each prompt, special tokens (e.g. BOS) added as the tokenizer does."""
         return self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
 
+    def check_room(self, prompt_ids: Sequence[Sequence[int]], new_tokens: int, what: str) -> None:
+        """Refuse prompts that leave no room for `new_tokens` more within the model's context
+        (`max_position_embeddings`): generation would fail deep inside the model, or wrap."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(map(len, prompt_ids), default=0)
+        if limit is not None and longest + new_tokens > limit:
+            raise ConfigError(
+                f"task.max_prompt_tokens: the longest of the {what} is {longest} tokens, and "
+                f"{new_tokens} more must fit in the model's {limit}; set "
+                f"task.max_prompt_tokens={limit - new_tokens} (datasets) or lower "
+                "sampling.max_new_tokens"
+            )
+
     def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 

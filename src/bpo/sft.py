@@ -37,6 +37,8 @@ def sft(cfg: SFTConfig, progress: bool = True, resume: bool = False) -> dict:
             "input_ids"
         ]
     ]
+    longest_response = max(map(len, response_ids), default=0)
+    policy.check_room(prompt_ids, longest_response, "SFT prompts (with their demonstrations)")
     scorer = evaluation_judge(cfg, task.reward, policy.device)  # a missing judge fails now
     steps_per_epoch = -(-len(task.sft) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
