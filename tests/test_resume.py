@@ -72,8 +72,10 @@ def test_sigkill_and_resume_end_where_an_uninterrupted_run_ends(train_config, tm
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         kills, resume = kills + 1, True
+        if RunDir(killed.output_dir).summary.exists():  # killed after it had finished
+            break
         assert kills < 40, "the run never finished"
-    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-3000:]
     assert kills >= 2
 
     whole, resumed = RunDir(reference.output_dir), RunDir(killed.output_dir)
@@ -93,6 +95,7 @@ def test_resume_refuses_another_config(train_config, tmp_path):
     from bpo.online import train
 
     train(train_config("run", "method=on_policy_bpo", "T=2"), progress=False)
+    (tmp_path / "run" / "summary.json").unlink()  # as if it had been interrupted
     with pytest.raises(
         ConfigError, match=r"--resume: the config differs .*'beta: 0.1' -> 'beta: 0.2'"
     ):
@@ -211,3 +214,21 @@ def test_sft_interrupted_and_resumed_ends_where_an_uninterrupted_run_ends(
     assert resumed.read_metrics() == whole.read_metrics()
     a, b = (load_file(run.path / "model" / "model.safetensors") for run in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_finished_run_or_a_shortened_log_is_refused(train_config, tmp_path):
+    from bpo.annotators import FunctionAnnotator
+    from bpo.checkpoint import AnnotationLog
+    from bpo.config import ConfigError
+    from bpo.online import train
+
+    cfg = train_config("done", "method=on_policy_bpo", "T=2")
+    train(cfg, progress=False)
+    with pytest.raises(FileExistsError, match=r"has finished \(summary.json\); nothing to resume"):
+        train(cfg, progress=False, resume=True)
+    judge = FunctionAnnotator("bpo.tasks.digest:reward")
+    AnnotationLog(judge, None, resume=True).resume_at(3)  # another process's: nothing to replay
+    log = tmp_path / "annotations.jsonl"
+    log.write_text('{"method": "compare", "question": {}, "answers": [], "rng": []}\n')
+    with pytest.raises(ConfigError, match=r"1 answers logged, but the checkpoint had used 2"):
+        AnnotationLog(judge, log, resume=True).resume_at(2)

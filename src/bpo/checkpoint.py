@@ -125,11 +125,18 @@ class AnnotationLog(RewardAnnotator):
     def resume_at(self, answered: int) -> None:
         """Skip the first `answered` logged records, which a checkpoint's run had already used,
         and put the annotator's RNGs where the last of them left them."""
+        self.answered = answered
+        if self.path is None:  # another process's log: the main one answers
+            return
+        if len(self.replay) < answered:
+            raise ConfigError(
+                f"{self.path}: {len(self.replay)} answers logged, but the checkpoint had used "
+                f"{answered}; the log was changed or lost: restore it, or start a new output_dir"
+            )
         for _ in range(answered):
             last = self.replay.popleft()
         if answered:
             self._set_rngs(last["rng"])
-        self.answered = answered
 
     def _set_rngs(self, states: list) -> None:
         for rng, state in zip(_rngs(self.inner), states):
@@ -143,9 +150,10 @@ class AnnotationLog(RewardAnnotator):
             record = self.replay.popleft()
             if record["method"] != method or record["question"] != question:
                 raise ConfigError(
-                    f"{self.path}: the resumed run asks other questions than the logged run did "
-                    "(its config, model or data changed); resume with the same run, or start a "
-                    "new output_dir"
+                    f"{self.path}: record {self.answered} asked another question than the "
+                    "resumed run asks (its config, model or data changed, or sampling is not "
+                    "deterministic, e.g. sampling.backend=vllm or GPU kernels); resume with the "
+                    "same run on the same machine, or start a new output_dir"
                 )
             self._set_rngs(record["rng"])
             return record["answers"]

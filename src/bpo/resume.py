@@ -45,6 +45,7 @@ class Checkpointed:
         """Checkpoint the run after `step` optimizer steps (the main process writes it)."""
         if not self.run.writer:
             return
+        self.run.sync_metrics()
         host = {
             "step": step,
             "sampler": {"rng": rng_state(self.sampler.rng), "order": self.sampler._order},

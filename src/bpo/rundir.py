@@ -23,7 +23,7 @@ class RunDir:
     def create(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
         """A fresh run directory holding the resolved config; refuses to mix two runs."""
         run = cls(cfg.output_dir)
-        if run.metrics.exists():
+        if run.metrics.exists() or run.pool.exists() or run.checkpoints.exists():
             raise FileExistsError(
                 f"output_dir: {run.path} already holds a run (metrics.jsonl); choose another "
                 "output_dir or delete it"
@@ -36,6 +36,11 @@ class RunDir:
     def reopen(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
         """The run directory of an interrupted run, to resume; its config must be `cfg`'s."""
         run = cls(cfg.output_dir)
+        if run.summary.is_file():
+            raise FileExistsError(
+                f"output_dir: the run in {run.path} has finished (summary.json); nothing to "
+                "resume: choose another output_dir to train again"
+            )
         if not run.config.is_file():
             raise FileNotFoundError(
                 f"output_dir: {run.path} holds no run to resume (no config.yaml); drop --resume "
@@ -55,10 +60,28 @@ class RunDir:
         """Cut metrics.jsonl to its first n records (those a checkpoint had logged)."""
         if not self.writer or not self.metrics.exists():
             return
-        lines = self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = [
+            line
+            for line in self.metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.endswith("\n")
+        ]
+        if len(lines) < n:
+            raise ValueError(
+                f"{self.metrics}: {len(lines)} records, but the checkpoint had {n}; the file was "
+                "changed or lost: restore it, or start a new output_dir"
+            )
         tmp = self.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line for line in lines[:n] if line.endswith("\n")), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(lines[:n]))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.metrics)
+
+    def sync_metrics(self) -> None:
+        """Put metrics.jsonl on disk, so a checkpoint that counts its records can trust them."""
+        if self.writer and self.metrics.exists():
+            with open(self.metrics, "a", encoding="utf-8") as f:
+                os.fsync(f.fileno())
 
     @property
     def annotations(self) -> Path:

@@ -120,6 +120,7 @@ def _checkpoint(run: RunDir, policy: Policy, optimizer, scheduler, step: int, ke
     """Weights, optimizer and scheduler after `step` steps (the data order is replayed from the
     seed on resume, so it needs no state)."""
     if run.writer:
+        run.sync_metrics()
         tensors = {f"param.{i}": p for i, p in enumerate(policy.trainable_parameters())}
         objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         host = {"step": step, "metrics": len(run.read_metrics())}
