@@ -49,6 +49,20 @@ def test_F_must_divide_T():
         load("method=bpo", "T=40", "F=3")
 
 
+def test_budget_must_be_what_T_and_B_annotate():
+    assert load("method=bpo", "F=2", "T=40", "B=16", "budget=640").N_total == 640
+    with pytest.raises(
+        ConfigError,
+        match=r"^budget: 600 pairs, but T·B = 40·16 = 640 pairs would be annotated; set B=15, or "
+        r"remove budget",
+    ):
+        load("method=bpo", "F=2", "T=40", "B=16", "budget=600")
+    with pytest.raises(ConfigError, match=r"set T=20 or B=8, or remove budget"):
+        load("method=bpo", "F=2", "T=40", "B=16", "budget=320")
+    with pytest.raises(ConfigError, match=r"set T and B so that T·B = budget"):
+        load("method=bpo", "F=2", "T=40", "B=16", "budget=601")
+
+
 def test_method_conflicts_are_errors():
     with pytest.raises(ConfigError, match="^F: method offline_dpo has F = 1"):
         load("method=offline_dpo", "F=2")

@@ -122,3 +122,17 @@ def test_sft_on_two_processes_ends_where_one_does(tiny_model, tmp_path):
     one, two = (load_file(tmp_path / p / "model" / "model.safetensors") for p in ("p1", "p2"))
     for name, w in one.items():
         torch.testing.assert_close(two[name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(train_config, tmp_path):
+    cfg = train_config("odd", "method=on_policy_bpo", "T=1", "B=3")
+    config = tmp_path / "odd.yaml"
+    config.write_text(to_yaml(cfg))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                f"--master-port={_free_port()}", "-m", "bpo.cli"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [*launcher, "train", str(config)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    assert "B: 3 pairs per step do not split over 2 processes; make B a multiple" in done.stderr

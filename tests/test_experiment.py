@@ -157,3 +157,11 @@ def test_each_task_sft_model_is_trained_once_and_reported(tmp_path, tiny_model):
     assert sft_summary.stat().st_mtime_ns == stamp  # not trained again
     sft_win_rate = 100 * json.loads(sft_summary.read_text())["win_rate"]
     assert f"| sft | {sft_win_rate:.1f} |" in (tmp_path / "xp" / "RESULTS.md").read_text()
+
+
+def test_report_names_each_budget_when_the_runs_differ(tmp_path, tiny_model):
+    cfg = experiment(tmp_path, tiny_model, grid={"B": [2, 4]}, n_resamples=50)
+    run_experiment(cfg, progress=False)
+    report = (tmp_path / "xp" / "RESULTS.md").read_text()
+    assert "Budgets differ between runs (compare rows only at one budget): T = 2, B = 2, " in report
+    assert "N_total = 4 pairs (B=2); T = 2, B = 4, N_total = 8 pairs (B=4)" in report

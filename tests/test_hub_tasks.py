@@ -366,11 +366,19 @@ def test_malformed_rows_name_split_row_and_column(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "TITLE: t\nTL;DR:", "label": "s"}])
     with pytest.raises(ValueError, match=r"row 0: the prompt has no 'POST:' field"):
         load_task(tldr(dataset=str(tmp_path)))
+    write_jsonl(tmp_path / "train.jsonl", [good[0], {"prompt": " \n", "label": "s"}])
+    with pytest.raises(
+        ValueError, match=r"task.prompt_column='prompt': split 'train' row 1: the prompt is empty"
+    ):
+        load_task(tldr(dataset=str(tmp_path)))
     for split in ("train", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", [{"chosen": "\n\nHuman: hi", "rejected": ""}])
     with pytest.raises(
         ValueError, match=r"task.chosen_column='chosen': split 'train' row 0: the transcript has no"
     ):
+        load_task(hh(dataset=str(tmp_path), data_dir="."))
+    write_jsonl(tmp_path / "train.jsonl", [{"chosen": "", "rejected": ""}])
+    with pytest.raises(ValueError, match=r"split 'train' row 0: the prompt is empty"):
         load_task(hh(dataset=str(tmp_path), data_dir="."))
 
 

@@ -129,21 +129,28 @@ def test_a_failing_call_is_retried(train_config):
     assert summary["pairs_annotated"] == 8 and summary["dropped_failed"] == 0
 
 
-def test_a_judge_that_keeps_failing_stops_or_is_skipped(train_config, capsys):
+def inf_reward(prompt: str, response: str) -> float:
+    """−inf for about one response in five."""
+    return -math.inf if len(response) % 5 == 0 else float(len(response))
+
+
+@pytest.mark.parametrize("bad", ["nan", "-inf"])
+def test_a_judge_that_keeps_failing_stops_or_is_skipped(train_config, capsys, bad):
     from bpo.cli import main
     from bpo.online import train
 
+    name = "nan_reward" if bad == "nan" else "inf_reward"
     common = [
         "method=on_policy_bpo",
         "T=2",
-        "annotator.function=tests.test_resume:nan_reward",
+        f"annotator.function=tests.test_resume:{name}",
         "eval.scorer=bpo.tasks.digest:reward",
     ]  # the evaluation's judge works
     stop = train_config("stop", *common)
     assert main(["train", str(_yaml(stop))]) == 2
     err = capsys.readouterr().err
     assert "annotator: failed 3 times (ValueError: " in err
-    assert "nan_reward: returned non-finite rewards [nan" in err
+    assert f"{name}: returned non-finite rewards [{bad}" in err
     assert "set annotator.on_failure=skip" in err
     skip = train_config("skip", *common, "annotator.on_failure=skip", "annotator.ties=random")
     summary = train(skip, progress=False)
@@ -232,3 +239,19 @@ def test_resume_of_a_finished_run_or_a_shortened_log_is_refused(train_config, tm
     log.write_text('{"method": "compare", "question": {}, "answers": [], "rng": []}\n')
     with pytest.raises(ConfigError, match=r"1 answers logged, but the checkpoint had used 2"):
         AnnotationLog(judge, log, resume=True).resume_at(2)
+
+
+def test_same_config_and_seed_give_identical_metrics_and_pool(train_config):
+    """Run to run on CPU: every metric (wall times aside) and every annotated pair identical."""
+    from bpo.online import train
+
+    runs = []
+    for name in ("first", "second"):
+        cfg = train_config(name, "method=bpo", "F=2", "T=4", "annotator.noise_temperature=0.5",
+                           "annotator.ties=random", "eval.every=2")  # fmt: skip
+        train(cfg, progress=False)
+        runs.append(RunDir(cfg.output_dir))
+    first, second = runs
+    assert _strip(first.read_metrics()) == _strip(second.read_metrics())
+    assert read_records(first.pool) == read_records(second.pool)
+    assert len(read_records(first.pool)) == 16

@@ -196,3 +196,42 @@ def test_errors_name_the_field(tiny_model, tmp_path, capsys):
 def test_annotator_labels_only_for_a_preference_model(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, overrides=["model.path=m", "method=offline_dpo", *overrides])
+
+
+@pytest.mark.parametrize("command", ["train-rm", "train-pm"])
+def test_interrupted_and_resumed_ends_where_an_uninterrupted_run_ends(
+    command, tiny_model, tmp_path, monkeypatch, capsys
+):
+    """A run stopped during its 4th step (after the checkpoint at step 2, with an evaluation
+    logged at step 1) and resumed gives the uninterrupted run's metrics and weights, bit for
+    bit; `--resume` of the finished run is refused."""
+    from safetensors.torch import load_file
+
+    def args(name: str) -> list[str]:
+        extra = [LABELS] if command == "train-pm" else []
+        return [command, f"model.path={tiny_model}", f"output_dir={tmp_path / name}", *SMOKE,
+                "batch_size=4", "lr=1e-3", "checkpoint_every=2", "eval_every=1",
+                *extra]  # fmt: skip
+
+    assert main(args("whole")) == 0
+    step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crash_at_4(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(args("resumed"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-000002"]
+    assert main([*args("resumed"), "--resume"]) == 0
+    whole, resumed = RunDir(tmp_path / "whole"), RunDir(tmp_path / "resumed")
+    assert resumed.read_metrics() == whole.read_metrics()
+    a, b = (load_file(run.path / "model" / "model.safetensors") for run in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main([*args("resumed"), "--resume"]) == 2
+    assert "has finished (summary.json); nothing to resume" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.checks import ConfigError
 from bpo.pool import append_records, read_records
+from bpo.rundir import RunDir
 
 PREFIX = "step-"
 
@@ -70,6 +71,47 @@ def load_checkpoint(folder: Path, device: torch.device) -> tuple[dict, dict, dic
     tensors = load_file(latest / "tensors.safetensors", device=str(device))
     objects = torch.load(latest / "objects.pt", map_location=device, weights_only=False)
     return tensors, objects, json.loads((latest / "host.json").read_text(encoding="utf-8"))
+
+
+def save_training(
+    run: RunDir,
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    keep: int,
+) -> None:
+    """Checkpoint a run whose only state is its weights, optimizer and scheduler (`sft`,
+    `train-rm`, `train-pm`: their data order is replayed from the seed on resume)."""
+    if run.writer:
+        run.sync_metrics()
+        tensors = {f"param.{i}": p for i, p in enumerate(params)}
+        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        host = {"step": step, "metrics": len(run.read_metrics())}
+        save_checkpoint(run.checkpoints, step, tensors, objects, host, keep)
+
+
+@torch.no_grad()
+def restore_training(
+    run: RunDir,
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+) -> int:
+    """Put back what `save_training` wrote last and cut metrics.jsonl to it; return its step
+    (0 without a checkpoint: the run starts again)."""
+    found = load_checkpoint(run.checkpoints, device)
+    if found is None:
+        run.keep_metrics(0)
+        return 0
+    tensors, objects, host = found
+    for i, p in enumerate(params):
+        p.copy_(tensors[f"param.{i}"])
+    optimizer.load_state_dict(objects["optimizer"])
+    scheduler.load_state_dict(objects["scheduler"])
+    run.keep_metrics(host["metrics"])
+    return host["step"]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bpo.config import AnnotatorConfig, SamplingConfig, SFTConfig, TaskConfig, TrainConfig
+    from bpo.rm_config import PairTrainingConfig
 
 
 class ConfigError(ValueError):
@@ -86,6 +87,14 @@ def validate_train(cfg: TrainConfig) -> None:
             f"F: must divide T and lie in [1, T]; got F={cfg.F}, T={cfg.T}; "
             f"divisors of T are {[d for d in range(1, cfg.T + 1) if cfg.T % d == 0]}"
         )
+    if cfg.budget is not None and cfg.budget != cfg.T * cfg.B:
+        fixes = [f"T={cfg.budget // cfg.B}"] if cfg.budget % cfg.B == 0 else []
+        fixes += [f"B={cfg.budget // cfg.T}"] if cfg.budget % cfg.T == 0 else []
+        raise ConfigError(
+            f"budget: {cfg.budget} pairs, but T·B = {cfg.T}·{cfg.B} = {cfg.T * cfg.B} pairs would "
+            f"be annotated; set {' or '.join(fixes) or 'T and B so that T·B = budget'}, or remove "
+            "budget"
+        )
     if cfg.beta <= 0:
         raise ConfigError(f"beta: must be > 0, got {cfg.beta}; the paper uses beta=0.1")
     if cfg.micro_batch_size is not None:
@@ -159,7 +168,7 @@ DATASET_ONLY = (
 )  # fmt: skip
 
 
-def validate_checkpoints(cfg: TrainConfig | SFTConfig) -> None:
+def validate_checkpoints(cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> None:
     positive(cfg, "keep_checkpoints")
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every: must be >= 0 (0: none), got {cfg.checkpoint_every}")

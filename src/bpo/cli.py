@@ -3,8 +3,8 @@
     bpo demo [--out DIR] [--quick] [--task NAME]
     bpo sft CONFIG.yaml [key=value ...] [--resume]
     bpo train CONFIG.yaml [key=value ...] [--resume]
-    bpo train-rm CONFIG.yaml [key=value ...]
-    bpo train-pm CONFIG.yaml [key=value ...]
+    bpo train-rm CONFIG.yaml [key=value ...] [--resume]
+    bpo train-pm CONFIG.yaml [key=value ...] [--resume]
     bpo experiment CONFIG.yaml [key=value ...] [--retry-failed]
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
-        if name in ("sft", "train"):
-            p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     xp = sub.add_parser("experiment", help="a grid of runs with statistics, RESULTS.md, plots")
     xp.add_argument("args", nargs="*", metavar="CONFIG|key=value")
     xp.add_argument("--retry-failed", action="store_true", help="train failed runs again")
@@ -96,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
             path, overrides = _split(args.args)
             cfg = load_config(RewardModelConfig, path, overrides)
-            print(json.dumps(train_reward_model(cfg), indent=2))
+            print(json.dumps(train_reward_model(cfg, resume=args.resume), indent=2))
         elif args.command == "train-pm":
             from bpo.reward_model import train_preference_model
 
             path, overrides = _split(args.args)
             cfg = load_config(PreferenceModelConfig, path, overrides)
-            print(json.dumps(train_preference_model(cfg), indent=2))
+            print(json.dumps(train_preference_model(cfg, resume=args.resume), indent=2))
         elif args.command == "experiment":
             from bpo.experiments import run_experiment
 

@@ -216,6 +216,10 @@ class TrainConfig:
     """Annotation phases, 1 ≤ F ≤ T, dividing T."""
     B: int = 16
     """Preference pairs per optimizer step."""
+    budget: int | None = None
+    """The annotation budget N_total the run is meant to spend, in pairs; when set, T·B must
+    equal it (a config whose T or B was edited then fails instead of spending another budget).
+    None: T·B, unchecked."""
     lr: float = 5e-5
     """AdamW learning rate."""
     weight_decay: float = 0.0

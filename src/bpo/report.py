@@ -87,7 +87,9 @@ def write_report(cfg: ExperimentConfig, rows: list[dict], wall_seconds: float) -
 
 
 def _budget(done: list[dict]) -> str:
-    """T, B, N_total, F and the model size of the runs, as one sentence."""
+    """T, B, N_total, F and the model size of the runs, as one sentence; when the runs do not
+    share one budget, each (T, B) with its runs' labels, so no table reads as a like-for-like
+    comparison that is not one."""
     if not done:
         return "No run has finished yet."
     first = done[0]
@@ -95,9 +97,21 @@ def _budget(done: list[dict]) -> str:
     params = _parameters(Path(config["model"]["path"]))
     model = f"a {params / 1e6:.2f} M-parameter model" if params else f"`{config['model']['path']}`"
     fs = sorted({int(r["annotation_phases"]) for r in done})
+    budgets: dict[tuple[int, int], list[str]] = {}
+    for r in done:
+        budgets.setdefault((int(r["T"]), int(r["B"])), []).append(r["label"])
+    if len(budgets) == 1:
+        size = (
+            f"Budget per run: T = {first['T']} steps, B = {first['B']} pairs, N_total = T·B = "
+            f"{first['N_total']} pairs"
+        )
+    else:
+        size = "Budgets differ between runs (compare rows only at one budget): " + "; ".join(
+            f"T = {t}, B = {b}, N_total = {t * b} pairs ({', '.join(sorted(set(labels)))})"
+            for (t, b), labels in sorted(budgets.items())
+        )
     return (
-        f"Budget per run: T = {first['T']} steps, B = {first['B']} pairs, N_total = T·B = "
-        f"{first['N_total']} pairs, F ∈ {{{', '.join(map(str, fs))}}}; {config['finetune']} "
+        f"{size}, F ∈ {{{', '.join(map(str, fs))}}}; {config['finetune']} "
         f"fine-tuning of {model}, lr {config['lr']}, "
         f"β = {config['beta']}; {config['sampling']['max_new_tokens']} new tokens."
     )

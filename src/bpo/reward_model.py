@@ -39,10 +39,8 @@ from bpo.annotators import (
     preference_for_first,
     preference_rows,
 )
-from bpo.config import (
-    ConfigError,
-    ModelConfig,
-)
+from bpo.checkpoint import restore_training, save_training
+from bpo.config import ConfigError, ModelConfig
 from bpo.policy import DTYPES, disable_dropout
 from bpo.pool import PreferencePool
 from bpo.rm_config import (
@@ -134,11 +132,12 @@ def bradley_terry_loss(
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-def train_reward_model(cfg: RewardModelConfig, progress: bool = True) -> dict:
+def train_reward_model(cfg: RewardModelConfig, progress: bool = True, resume: bool = False) -> dict:
     """Fit a Bradley-Terry reward model on preference pairs; write the run directory (the model
-    under `model/`) and return its summary, with the held-out preference accuracy."""
+    under `model/`) and return its summary, with the held-out preference accuracy. With
+    `resume`, continue an interrupted run from its last checkpoint."""
     started = time.perf_counter()
-    run, accelerator, data = _start(cfg)
+    run, accelerator, data = _start(cfg, resume)
     device = accelerator.device
     tokenizer, model = _load(AutoModelForSequenceClassification, cfg.model, device, num_labels=1)
     if cfg.encoding == "chat" and not tokenizer.chat_template:
@@ -190,19 +189,22 @@ def train_reward_model(cfg: RewardModelConfig, progress: bool = True) -> dict:
         }
 
     steps, final = _fit(cfg, run, accelerator, model, len(data.train), batch_loss, evaluate,
-                        "reward model", progress)  # fmt: skip
+                        "reward model", progress, resume)  # fmt: skip
     _save(model, tokenizer, run)
     return _summarize(run, "reward_model", "bradley_terry", steps, final, data,
                       train_cut + eval_cut, started)  # fmt: skip
 
 
-def train_preference_model(cfg: PreferenceModelConfig, progress: bool = True) -> dict:
+def train_preference_model(
+    cfg: PreferenceModelConfig, progress: bool = True, resume: bool = False
+) -> dict:
     """Fit a pairwise preference model: cross-entropy of the label token after
     PREFERENCE_TEMPLATE + answer prefix, the two responses shown in a random order per pair.
     Writes the run directory (the model under `model/`) and returns its summary, with the
-    held-out accuracy of the order-averaged preference (PreferenceModelAnnotator.compare)."""
+    held-out accuracy of the order-averaged preference (PreferenceModelAnnotator.compare).
+    With `resume`, continue an interrupted run from its last checkpoint."""
     started = time.perf_counter()
-    run, accelerator, data = _start(cfg)
+    run, accelerator, data = _start(cfg, resume)
     device = accelerator.device
     tokenizer, model = _load(AutoModelForCausalLM, cfg.model, device)
     label_ids = label_token_ids(tokenizer, cfg.labels, cfg.model.path, "labels")
@@ -240,15 +242,16 @@ def train_preference_model(cfg: PreferenceModelConfig, progress: bool = True) ->
         return {"eval/accuracy": sum(x > 0 for x in preference) / n}  # ties are wrong
 
     steps, final = _fit(cfg, run, accelerator, model, len(data.train), batch_loss, evaluate,
-                        "preference model", progress)  # fmt: skip
+                        "preference model", progress, resume)  # fmt: skip
     _save(model, tokenizer, run)
     return _summarize(run, "preference_model", "cross_entropy", steps, final, data,
                       train_cut + eval_cut, started)  # fmt: skip
 
 
-def _start(cfg: PairTrainingConfig) -> tuple[RunDir, Accelerator, PairData]:
-    """Run directory (with the resolved config), device, seeded RNGs and the pairs."""
-    run, accelerator = open_run(cfg)
+def _start(cfg: PairTrainingConfig, resume: bool) -> tuple[RunDir, Accelerator, PairData]:
+    """Run directory (with the resolved config; reopened to resume), device, seeded RNGs and the
+    pairs."""
+    run, accelerator = open_run(cfg, resume)
     return run, accelerator, load_pairs(cfg.data, cfg.seed)
 
 
@@ -279,9 +282,12 @@ def _fit(
     evaluate: Callable[[], dict],
     desc: str,
     progress: bool,
+    resume: bool,
 ) -> tuple[int, dict]:
     """`cfg.epochs` passes over the training pairs in a seeded random order: AdamW, cosine
-    schedule, gradient clipping; held-out metrics every `eval_every` steps and at the end.
+    schedule, gradient clipping; held-out metrics every `eval_every` steps and at the end;
+    a checkpoint every `checkpoint_every` steps. With `resume`, the newest checkpoint is put back
+    and the steps before it are skipped (the data order is replayed from the seed).
     Returns the steps taken and the final held-out metrics."""
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = cfg.epochs * math.ceil(n_train / cfg.batch_size)
@@ -289,11 +295,15 @@ def _fit(
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     generator = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress)
+    first = restore_training(run, params, optimizer, scheduler, accelerator.device) if resume else 0
+    bar = tqdm(total=total_steps, initial=first, desc=desc, disable=not progress)
     step = 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(n_train, generator=generator).tolist()
         for start in range(0, n_train, cfg.batch_size):
+            if step < first:  # done before the checkpoint this run resumed from
+                step += 1
+                continue
             with accelerator.autocast():
                 loss, metrics = batch_loss(order[start : start + cfg.batch_size])
             optimizer.zero_grad(set_to_none=True)
@@ -309,6 +319,8 @@ def _fit(
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 run.log({"step": step, **evaluate()})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                save_training(run, params, optimizer, scheduler, step, cfg.keep_checkpoints)
     bar.close()
     final = evaluate()
     run.log({"step": step, **final})

@@ -8,7 +8,7 @@ from typing import Literal
 
 from omegaconf import MISSING
 
-from bpo.checks import ConfigError, positive, validate_labels
+from bpo.checks import ConfigError, positive, validate_checkpoints, validate_labels
 from bpo.config import ModelConfig, TaskConfig
 
 
@@ -52,6 +52,11 @@ class PairTrainingConfig:
     eval_every: int = 0
     """Measure held-out accuracy every this many optimizer steps (and at the end); 0: only at
     the end."""
+    checkpoint_every: int = 200
+    """Write a checkpoint (weights, optimizer, scheduler) every this many steps, for
+    `--resume`; 0: none."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     seed: int = 0
     """Seed of a new head's initialisation, the candidate responses, the held-out split, the
     order a preference model sees two responses in, and the data order."""
@@ -62,6 +67,7 @@ class PairTrainingConfig:
 
     def __post_init__(self) -> None:
         positive(self, "epochs", "batch_size", "max_length")
+        validate_checkpoints(self)
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}; set e.g. lr=2e-6")
         if self.eval_every < 0:

@@ -16,12 +16,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from bpo.checkpoint import load_checkpoint, save_checkpoint
+from bpo.checkpoint import restore_training, save_training
 from bpo.config import SFTConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import evaluate, evaluation_judge
 from bpo.policy import Policy, pack
-from bpo.rundir import RunDir
 from bpo.start import start_run
 
 
@@ -46,7 +45,8 @@ def sft(cfg: SFTConfig, progress: bool = True, resume: bool = False) -> dict:
         policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    first = _restore(run, policy, optimizer, scheduler) if resume else 0
+    params = policy.trainable_parameters()
+    first = restore_training(run, params, optimizer, scheduler, policy.device) if resume else 0
     k = policy.members  # an ensemble trains all k members, each on its own data order
     order_rngs = [random.Random(cfg.seed + i) for i in range(k)]  # replayed on resume
     bar = tqdm(
@@ -80,7 +80,7 @@ def sft(cfg: SFTConfig, progress: bool = True, resume: bool = False) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                _checkpoint(run, policy, optimizer, scheduler, step, cfg.keep_checkpoints)
+                save_training(run, params, optimizer, scheduler, step, cfg.keep_checkpoints)
     bar.close()
     if cfg.finetune == "lora" and accelerator.is_main_process:
         policy.save(run.path / "policy")  # the adapter(s), for preference runs' lora.init_from
@@ -114,33 +114,6 @@ def sft(cfg: SFTConfig, progress: bool = True, resume: bool = False) -> dict:
     }
     run.write_summary(summary)
     return summary
-
-
-def _checkpoint(run: RunDir, policy: Policy, optimizer, scheduler, step: int, keep: int) -> None:
-    """Weights, optimizer and scheduler after `step` steps (the data order is replayed from the
-    seed on resume, so it needs no state)."""
-    if run.writer:
-        run.sync_metrics()
-        tensors = {f"param.{i}": p for i, p in enumerate(policy.trainable_parameters())}
-        objects = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        host = {"step": step, "metrics": len(run.read_metrics())}
-        save_checkpoint(run.checkpoints, step, tensors, objects, host, keep)
-
-
-@torch.no_grad()
-def _restore(run: RunDir, policy: Policy, optimizer, scheduler) -> int:
-    """Put the newest checkpoint back; return its step (0 without one)."""
-    found = load_checkpoint(run.checkpoints, policy.device)
-    if found is None:
-        run.keep_metrics(0)
-        return 0
-    tensors, objects, host = found
-    for i, p in enumerate(policy.trainable_parameters()):
-        p.copy_(tensors[f"param.{i}"])
-    optimizer.load_state_dict(objects["optimizer"])
-    scheduler.load_state_dict(objects["scheduler"])
-    run.keep_metrics(host["metrics"])
-    return host["step"]
 
 
 def _sft_step(

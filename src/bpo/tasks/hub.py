@@ -249,6 +249,8 @@ def _rows(ds: Dataset, split: str, cfg: TaskConfig, layout: _Layout) -> list[_Ro
         try:
             if not all(isinstance(v, str) for v in values):
                 raise ConfigError(f"a value is not text: {values!r}")
+            if not values[0].strip():
+                raise ConfigError("the prompt is empty")
             prompt, reply = layout.parse(*values)
         except ValueError as e:
             f = layout.columns[0]
