@@ -215,8 +215,11 @@ def test_reward_model_errors_name_the_field(tmp_path):
         RewardModelAnnotator(tiny_bert(tmp_path / "two", num_labels=2))
     with pytest.raises(ConfigError, match=r"^annotator\.encoding: chat, .* no chat template"):
         RewardModelAnnotator(tiny_bert(tmp_path / "bert"), "chat")
-    with pytest.raises(ConfigError, match=r"^annotator\.path: could not load"):
+    with pytest.raises(ConfigError, match=r"^annotator\.path: no folder at .*missing; give"):
         RewardModelAnnotator(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^annotator\.path: could not load .*empty"):
+        RewardModelAnnotator(str(tmp_path / "empty"))
 
 
 # --- pairwise preference model -----------------------------------------------------------------

@@ -80,10 +80,15 @@ def test_a_missing_model_path_names_the_field(tmp_path):
     from bpo.policy import Policy
 
     with pytest.raises(
-        ConfigError, match=r"^model.path: could not load .*nowhere.*save_pretrained"
+        ConfigError, match=r"^model.path: no folder at .*nowhere; give a folder written by save_pre"
     ):
         Policy.load(
             ModelConfig(str(tmp_path / "nowhere")), "full", LoraConfig(), 0, torch.device("cpu")
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^model.path: could not load .*empty.*save_pretrained"):
+        Policy.load(
+            ModelConfig(str(tmp_path / "empty")), "full", LoraConfig(), 0, torch.device("cpu")
         )
 
 
@@ -123,3 +128,10 @@ def test_prompts_longer_than_the_model_reads_are_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match=expected):
         train(load_config(TrainConfig, overrides=overrides), progress=False)
+    with pytest.raises(
+        ConfigError,
+        match=r"^sampling.max_new_tokens: 30 new tokens do not fit in the model's 24 positions",
+    ):
+        train(load_config(TrainConfig, overrides=[*overrides, "output_dir=" + str(tmp_path / "r2"),
+                                                  "sampling.max_new_tokens=30"]),
+              progress=False)  # fmt: skip

@@ -255,3 +255,11 @@ def test_same_config_and_seed_give_identical_metrics_and_pool(train_config):
     assert _strip(first.read_metrics()) == _strip(second.read_metrics())
     assert read_records(first.pool) == read_records(second.pool)
     assert len(read_records(first.pool)) == 16
+
+
+def test_resume_of_a_run_killed_before_it_began_starts_it(train_config):
+    """A job scheduler can always pass --resume: with no config.yaml yet, the run starts."""
+    from bpo.online import train
+
+    cfg = train_config("never", "method=on_policy_bpo", "T=2")
+    assert train(cfg, progress=False, resume=True)["pairs_annotated"] == 8

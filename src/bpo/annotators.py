@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from bpo.checks import check_model_folder
 from bpo.config import AnnotatorConfig, ConfigError
 from bpo.policy import DTYPES, left_pad
 
@@ -420,6 +421,7 @@ def evaluation_scorer(annotator: Annotator) -> Annotator:
 
 def _load(auto_class: type, path: str, dtype: torch.dtype, device: torch.device | str, field: str):
     """Tokenizer and model from `path`, in eval mode without gradients, on `device`."""
+    check_model_folder(path, f"{field}.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = auto_class.from_pretrained(path, dtype=dtype)

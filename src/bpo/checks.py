@@ -7,6 +7,7 @@ leaves `load_config`.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -196,6 +197,16 @@ def validate_sampling(cfg: SamplingConfig) -> None:
         return
     unread = ("gpu_memory_utilization", "max_model_len")
     reject_unread(cfg, "sampling", unread, "sampling.backend=hf", " or set sampling.backend=vllm")
+
+
+def check_model_folder(path: str, field: str) -> None:
+    """A path written as a local one (absolute, ./, ../, ~) must exist: otherwise transformers
+    would try it as a Hub id and fail with a message about repository names."""
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"{field}: no folder at {path}; give a folder written by save_pretrained (config.json, "
+            "weights, tokenizer files) or a Hub id such as google/gemma-2b"
+        )
 
 
 def validate_task(cfg: TaskConfig) -> None:

@@ -20,6 +20,7 @@ from peft import PeftModel, get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from bpo.checks import check_model_folder
 from bpo.config import ConfigError, LoraConfig, ModelConfig, SamplingConfig
 from bpo.distributed import chunked_map, shard_map
 from bpo.ensemble import CONFIG_FILE as ENSEMBLE_CONFIG
@@ -33,13 +34,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_causal_lm(model: ModelConfig, device: torch.device):
     """Load a causal LM and its tokenizer with `from_pretrained`, dropout off (DESIGN.md)."""
+    check_model_folder(model.path, "model.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path)
         lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=DTYPES[model.dtype])
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ConfigError(
-            f"model.path: could not load {model.path!r} ({e}); give a local folder written by "
-            "save_pretrained or a Hub id"
+            f"model.path: could not load {model.path!r} ({str(e).splitlines()[0]}); give a local "
+            "folder written by save_pretrained or a Hub id"
         ) from None
     if tokenizer.pad_token_id is None:
         raise ConfigError(
@@ -246,6 +248,12 @@ class Policy:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         longest = max(map(len, prompt_ids), default=0)
         if limit is not None and longest + new_tokens > limit:
+            if new_tokens >= limit:
+                raise ConfigError(
+                    f"sampling.max_new_tokens: {new_tokens} new tokens do not fit in the model's "
+                    f"{limit} positions (max_position_embeddings) with any prompt; set "
+                    f"sampling.max_new_tokens below {limit}"
+                )
             raise ConfigError(
                 f"task.max_prompt_tokens: the longest of the {what} is {longest} tokens, and "
                 f"{new_tokens} more must fit in the model's {limit}; set "

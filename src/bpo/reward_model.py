@@ -40,6 +40,7 @@ from bpo.annotators import (
     preference_rows,
 )
 from bpo.checkpoint import restore_training, save_training
+from bpo.checks import check_model_folder
 from bpo.config import ConfigError, ModelConfig
 from bpo.policy import DTYPES, disable_dropout
 from bpo.pool import PreferencePool
@@ -258,6 +259,7 @@ def _start(cfg: PairTrainingConfig, resume: bool) -> tuple[RunDir, Accelerator, 
 def _load(auto_class: type, model_cfg: ModelConfig, device: torch.device, **kwargs):
     """Tokenizer (padding with EOS if it has no pad token, as the annotators do) and model,
     dropout off (DESIGN.md), on `device`."""
+    check_model_folder(model_cfg.path, "model.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
         model = auto_class.from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype], **kwargs)

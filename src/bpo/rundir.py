@@ -29,23 +29,23 @@ class RunDir:
                 "output_dir or delete it"
             )
         run.path.mkdir(parents=True, exist_ok=True)
-        run.config.write_text(to_yaml(cfg), encoding="utf-8")
+        tmp = run.config.with_suffix(".yaml.tmp")  # whole or absent, should the run be killed
+        tmp.write_text(to_yaml(cfg), encoding="utf-8")
+        os.replace(tmp, run.config)
         return run
 
     @classmethod
     def reopen(cls, cfg: TrainConfig | SFTConfig | PairTrainingConfig) -> RunDir:
-        """The run directory of an interrupted run, to resume; its config must be `cfg`'s."""
+        """The run directory of an interrupted run, to resume; its config must be `cfg`'s. A run
+        that never wrote its config is started."""
         run = cls(cfg.output_dir)
         if run.summary.is_file():
             raise FileExistsError(
                 f"output_dir: the run in {run.path} has finished (summary.json); nothing to "
                 "resume: choose another output_dir to train again"
             )
-        if not run.config.is_file():
-            raise FileNotFoundError(
-                f"output_dir: {run.path} holds no run to resume (no config.yaml); drop --resume "
-                "to start one"
-            )
+        if not run.config.is_file():  # killed before it began: begin it (preempted jobs
+            return cls.create(cfg)  # can always pass --resume)
         saved, ours = run.config.read_text(encoding="utf-8").splitlines(), to_yaml(cfg).splitlines()
         changed = [f"{a.strip()!r} -> {b.strip()!r}" for a, b in zip(saved, ours) if a != b]
         if changed or len(saved) != len(ours):
