@@ -144,8 +144,10 @@ def fit_to_reference(
 
 def build_bandit_tokenizer(n_bins: int = 100) -> PreTrainedTokenizerFast:
     """Word-level tokens "t0" .. "t{n_bins−1}" at ids 0 .. n_bins−1 (token id = action), then
-    CONTEXT_TOKEN (bos, prepended when special tokens are added) and PAD_TOKEN; no eos, since
-    responses have a fixed length."""
+    CONTEXT_TOKEN (bos, prepended when special tokens are added) and PAD_TOKEN.
+
+    No eos: responses have a fixed length. No unk: an unknown word raises instead of encoding.
+    """
     vocab = {f"t{a}": a for a in range(n_bins)} | {CONTEXT_TOKEN: n_bins, PAD_TOKEN: n_bins + 1}
     backend = Tokenizer(models.WordLevel(vocab=vocab))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
