@@ -6,6 +6,9 @@
     bpo train-rm CONFIG.yaml [key=value ...] [--resume]
     bpo train-pm CONFIG.yaml [key=value ...] [--resume]
     bpo experiment CONFIG.yaml [key=value ...] [--retry-failed]
+    bpo study CONFIG.yaml [key=value ...]
+    bpo study-report ROOT
+    bpo bandit --reward r1|r2 --method M [--data on_policy|offline] [--bpo] [key=value ...]
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
 
@@ -68,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     xp = sub.add_parser("experiment", help="a grid of runs with statistics, RESULTS.md, plots")
     xp.add_argument("args", nargs="*", metavar="CONFIG|key=value")
     xp.add_argument("--retry-failed", action="store_true", help="train failed runs again")
+    st = sub.add_parser("study", help="a sample-based method of Tajwar et al. (2404.14367)")
+    st.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    bd = sub.add_parser("bandit", help="the didactic bandit of Tajwar et al., App. I")
+    bd.add_argument("--reward", choices=["r1", "r2"], required=True)
+    bd.add_argument("--method", required=True, help="ipo, dpo, ppo, rwr, best_of_n, ...")
+    bd.add_argument("--data", choices=["on_policy", "offline"], default="on_policy")
+    bd.add_argument("--bpo", action="store_true", help="behavior reference (BPO) for dpo / ipo")
+    bd.add_argument("--out", help="run directory (default runs/bandit/<reward>-<data>-<method>)")
+    bd.add_argument("overrides", nargs="*", metavar="key=value")
+    sr = sub.add_parser("study-report", help="table and plots of the study runs under ROOT")
+    sr.add_argument("root")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
     ex = sub.add_parser("export", help="a LoRA run as merged/, adapter/ (peft) and members/")
@@ -109,6 +123,26 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(ExperimentConfig, path, overrides)
             rows = run_experiment(cfg, retry_failed=args.retry_failed)
             print(f"{len(rows)} runs; results in {cfg.output_dir}/RESULTS.md and results.csv")
+        elif args.command in ("study", "bandit"):
+            from bpo.onpolicy.config import StudyConfig, bandit_settings
+            from bpo.onpolicy.study import run_study
+
+            if args.command == "study":
+                path, overrides = _split(args.args)
+                cfg = load_config(StudyConfig, path, overrides)
+            else:
+                name = f"{args.reward}-{args.data}-{'bpo_' if args.bpo else ''}{args.method}"
+                values = bandit_settings(args.data, args.method) | {
+                    "task": f"bandit_{args.reward}",
+                    "reference": "behavior" if args.bpo else "sft",
+                    "output_dir": args.out or f"runs/bandit/{name}",
+                }
+                cfg = load_config(StudyConfig, values=values, overrides=args.overrides)
+            print(json.dumps(run_study(cfg), indent=2))
+        elif args.command == "study-report":
+            from bpo.onpolicy.report import write_report
+
+            print(write_report(args.root).read_text(encoding="utf-8"))
         elif args.command == "export":
             from bpo.export import export_run
 
