@@ -1,6 +1,6 @@
 """`bpo study-report ROOT`: the runs under ROOT (ROOT/<reward>/<data>-<method>/seed*/) as a table of
 mean (standard error) over seeds beside Tajwar et al.'s Table 3, and plots of reward against
-gradient steps and against KL(π_θ‖π_ref)."""
+gradient steps, of reward against KL(π_θ‖π_ref), and of DPO / IPO's implicit rewards."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def write_report(root: str | Path) -> Path:
         "| reward | data | method | seeds | steps | reward | paper scale | Table 3 | KL |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for reward_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for cell in sorted(p for p in reward_dir.iterdir() if p.is_dir()):
             seeds = sorted(cell.glob("seed*/summary.json"))
@@ -77,8 +77,16 @@ def write_report(root: str | Path) -> Path:
             label = f"{reward_dir.name} {data} {method}"
             axes[0].plot(steps, mean_reward, label=label)
             axes[1].plot(mean_kl, mean_reward, marker=".", label=label)
+            implicit = _implicit_rewards(seeds[0].parent)
+            if implicit:
+                line = axes[2].plot([i[0] for i in implicit], [i[1] for i in implicit],
+                                    label=f"{label} y_w")  # fmt: skip
+                axes[2].plot([i[0] for i in implicit], [i[2] for i in implicit], ls="--",
+                             color=line[0].get_color(), label=f"{label} y_l")  # fmt: skip
     axes[0].set(xlabel="gradient steps", ylabel="reward of π_θ's samples", title="reward")
     axes[1].set(xlabel="KL(π_θ‖π_ref)", ylabel="reward", title="KL-reward trade-off")
+    axes[2].set(xlabel="gradient steps", ylabel="β·log π_θ(y)/π_ref(y)",
+                title="implicit rewards of y_w (solid), y_l (dashed), first seed")  # fmt: skip
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "curves.png", dpi=110)
@@ -87,6 +95,16 @@ def write_report(root: str | Path) -> Path:
     path = root / "RESULTS.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _implicit_rewards(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, implicit reward of y_w, of y_l) of each DPO / IPO step of a run."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").open(encoding="utf-8"):
+        record = json.loads(line)
+        if "rewards/chosen" in record:
+            out.append((record["step"], record["rewards/chosen"], record["rewards/rejected"]))
+    return out
 
 
 def _evals(run_dir: Path) -> list[tuple[int, float, float]]:

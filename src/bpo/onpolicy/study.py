@@ -30,7 +30,13 @@ from bpo.onpolicy.losses import (
     reinforce_loss,
     rwr_loss,
 )
-from bpo.onpolicy.tasks import StudyTaskData, load_study_task
+from bpo.onpolicy.tasks import (
+    SKEW_OVERSAMPLE,
+    StudyTaskData,
+    load_study_task,
+    response_length,
+    skewed,
+)
 from bpo.policy import Policy
 from bpo.reference import SnapshotReference
 from bpo.rundir import RunDir
@@ -51,11 +57,15 @@ class Samples:
         """The samples of `groups`, renumbered 0..len(groups)−1 in that order."""
         rank = {g: i for i, g in enumerate(groups)}
         idx = [i for i, g in enumerate(self.group.tolist()) if g in rank]
+        return self.select(idx, [rank[g] for g in self.group[idx].tolist()])
+
+    def select(self, idx: list[int], group: list[int]) -> Samples:
+        """The samples `idx`, in that order, with new group numbers."""
         return Samples(
             [self.prompt_ids[i] for i in idx],
             [self.response_ids[i] for i in idx],
             self.rewards[idx],
-            torch.tensor([rank[g] for g in self.group[idx].tolist()]),
+            torch.tensor(group),
             self.behavior_logps[idx],
             self.reference_logps[idx],
         )
@@ -76,12 +86,11 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
     rng = random.Random(cfg.seed)
     offline = None
     if cfg.data == "offline":  # one dataset from π_ref, drawn from every iteration
-        offline_prompts = [rng.randrange(len(prompt_ids)) for _ in range(cfg.offline_prompts)]
-        offline = collect(policy, reference, task, cfg, [prompt_ids[i] for i in offline_prompts],
-                          draw_seed(cfg.seed, 1 << 20))  # fmt: skip
+        offline = offline_dataset(policy, reference, task, cfg, prompt_ids, rng)
     bar = tqdm(total=cfg.iterations, desc=f"{cfg.method} {cfg.data}", disable=not progress)
     step = 0
-    run.log({"step": 0, **evaluate(policy, reference, task, cfg, prompt_ids)})
+    eval_ids = policy.encode_prompts(task.eval_prompts)
+    run.log({"step": 0, **evaluate(policy, reference, task, cfg, eval_ids)})
     for it in range(cfg.iterations):
         if offline is None:  # on-policy: π_β = π_θ now
             batch_prompts = [prompt_ids[rng.randrange(len(prompt_ids))] for _ in range(cfg.B)]
@@ -99,7 +108,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
             run.log({"step": step, "iteration": it, "loss": loss,
                      "reward/batch": batch.rewards.mean().item(), **metrics})  # fmt: skip
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
-            run.log({"step": step, **evaluate(policy, reference, task, cfg, prompt_ids)})
+            run.log({"step": step, **evaluate(policy, reference, task, cfg, eval_ids)})
         bar.update()
     bar.close()
     final = run.read_metrics()[-1]
@@ -118,6 +127,28 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
     return summary
 
 
+def offline_dataset(
+    policy: Policy,
+    reference,
+    task: StudyTaskData,
+    cfg: StudyConfig,
+    prompt_ids: list[list[int]],
+    rng: random.Random,
+) -> Samples:
+    """`offline_prompts` prompts × N responses of π_ref; for skew_length, N of SKEW_OVERSAMPLE·N
+    candidates per prompt, picked long (`skewed`)."""
+    chosen = [prompt_ids[rng.randrange(len(prompt_ids))] for _ in range(cfg.offline_prompts)]
+    n = cfg.N * (SKEW_OVERSAMPLE if task.skew else 1)
+    data = collect(policy, reference, task, cfg, chosen, draw_seed(cfg.seed, 1 << 20), n)
+    if not task.skew:
+        return data
+    lengths = [response_length(r, policy.eos_id) for r in data.response_ids]
+    mean = sum(lengths) / len(lengths)
+    idx = [g * n + i for g in range(len(chosen))
+           for i in skewed(lengths[g * n : (g + 1) * n], cfg.N, rng, mean)]  # fmt: skip
+    return data.select(idx, [g for g in range(len(chosen)) for _ in range(cfg.N)])
+
+
 @torch.no_grad()
 def collect(
     policy: Policy,
@@ -126,9 +157,12 @@ def collect(
     cfg: StudyConfig,
     prompt_ids: list[list[int]],
     seed: int,
+    n: int | None = None,
 ) -> Samples:
-    """N responses from π_θ for each prompt, their gold rewards, log π_β and log π_ref."""
-    prompts = [ids for ids in prompt_ids for _ in range(cfg.N)]  # prompt-major, N each
+    """`n` (default N) responses from π_θ for each prompt, their gold rewards, log π_β and
+    log π_ref."""
+    n = n or cfg.N
+    prompts = [ids for ids in prompt_ids for _ in range(n)]  # prompt-major, n each
     responses = policy.sample(prompts, cfg.sampling, seed)
     rewards = task.reward(prompts, responses, policy)
     behavior = policy.logps_batched(prompts, responses, cfg.sampling.batch_size)  # (n,)
@@ -136,7 +170,7 @@ def collect(
         prompts,
         responses,
         torch.tensor(rewards, dtype=torch.float),
-        torch.arange(len(prompt_ids)).repeat_interleave(cfg.N),
+        torch.arange(len(prompt_ids)).repeat_interleave(n),
         behavior.cpu(),
         reference(prompts, responses).cpu(),
     )
@@ -208,8 +242,9 @@ def evaluate(
     rewards = task.reward(prompts, responses, policy)
     policy_logps = policy.logps_batched(prompts, responses, cfg.sampling.batch_size)
     kl = (policy_logps - reference(prompts, responses)).mean().item()
+    lengths = [response_length(r, policy.eos_id) for r in responses]
     return {
         "eval/reward": sum(rewards) / len(rewards),
         "eval/kl": kl,
-        "eval/length": sum(map(len, responses)) / len(responses),
+        "eval/length": sum(lengths) / len(lengths),
     }
