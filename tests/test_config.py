@@ -122,6 +122,10 @@ def test_shipped_configs_load():
     for path in configs:
         if path.parent.name == "accelerate":
             assert ClusterConfig.from_yaml_file(path).distributed_type
+        elif path.parent.name == "onpolicy":
+            from bpo.onpolicy.config import StudyConfig
+
+            load_config(StudyConfig, path)
         elif "grid" in yaml.safe_load(path.read_text()):
             experiment = load_config(ExperimentConfig, path)
             assert all(train_config(experiment, cell) for cell in cells(experiment))

@@ -140,9 +140,8 @@ def test_report_averages_seeds_beside_the_paper(tmp_path):
         evals = [{"step": s, "eval/reward": reward, "eval/kl": 2.0 * s} for s in (0, 5)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     report = write_report(tmp_path).read_text()
-    assert "| R1 | on_policy | ipo | 2 | 5 | 0.950 (0.050) | 0.87 | 0.92 (0.01) | 10.0 (0.0) |" in (
-        report
-    )
+    row = "| R1 | on_policy | ipo | 2 | 5 | 0.950 (0.050) | 0.950 (0.050) | 0.87 | 0.92 (0.01) |"
+    assert row in report
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 

@@ -26,6 +26,10 @@ PAPER_TABLE3 = {  # Tajwar et al. 2024, Table 3, bandit R1: mean (standard error
 }
 
 
+EARLY = 100
+"""Gradient steps at which the table also reads the reward (the first evaluation at or after)."""
+
+
 def paper_scale(reward: float, name: str) -> float:
     """Our reward on the authors' scale: their mean runs over 9 response tokens and the prompt,
     a uniformly drawn action; ours over 10 response tokens after a context token."""
@@ -51,8 +55,9 @@ def write_report(root: str | Path) -> Path:
         "9 response tokens and a random prompt token). KL: mean log π_θ(y) − log π_ref(y) of "
         "those samples. Mean (standard error) over seeds.",
         "",
-        "| reward | data | method | seeds | steps | reward | paper scale | Table 3 | KL |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| reward | data | method | seeds | steps | reward at {EARLY} steps | reward "
+        "| paper scale | Table 3 | KL |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for reward_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -65,12 +70,14 @@ def write_report(root: str | Path) -> Path:
             reward, se = _mean_se([s["reward"] for s in summaries])
             kl, kl_se = _mean_se([s["kl"] for s in summaries])
             paper = PAPER_TABLE3.get((reward_dir.name, data, method), "")
+            curves = [_evals(s.parent) for s in seeds]
+            early, early_se = _mean_se([next(r for step, r, _ in c if step >= EARLY or
+                                             step == c[-1][0]) for c in curves])  # fmt: skip
             lines.append(
                 f"| {reward_dir.name.upper()} | {data} | {method} | {len(summaries)} | "
-                f"{summaries[0]['steps']} | {reward:.3f} ({se:.3f}) | "
-                f"{paper_scale(reward, reward_dir.name):.2f} | {paper} | {kl:.1f} ({kl_se:.1f}) |"
+                f"{summaries[0]['steps']} | {early:.3f} ({early_se:.3f}) | {reward:.3f} ({se:.3f}) "
+                f"| {paper_scale(reward, reward_dir.name):.2f} | {paper} | {kl:.1f} ({kl_se:.1f}) |"
             )
-            curves = [_evals(s.parent) for s in seeds]
             steps = [step for step, _, _ in curves[0]]
             mean_reward = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
             mean_kl = [sum(c[i][2] for c in curves) / len(curves) for i in range(len(steps))]
