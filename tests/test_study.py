@@ -79,6 +79,16 @@ def test_config_errors_name_the_field():
         config("method=ppo", "data=offline")
     with pytest.raises(ConfigError, match=r"^N: must be >= 2"):
         config("N=1")
+    with pytest.raises(
+        ConfigError, match=r"^reuse: 1 steps × minibatch 4 prompts .* raise reuse to 4"
+    ):
+        config("B=16", "minibatch=4", "reuse=1")
+    with pytest.raises(ConfigError, match=r"^B: 32 prompts per iteration, but the offline dataset"):
+        config("data=offline", "B=32", "minibatch=32", "offline_prompts=16")
+    with pytest.raises(ConfigError, match=r"^beta: RWR's weights exp\(Â/β\) reach exp\(108\)"):
+        config("method=rwr", "beta=0.05", "N=30")
+    with pytest.raises(ConfigError, match=r"^reference: behavior with data=offline is offline DPO"):
+        config("method=dpo", "reference=behavior", "data=offline")
 
 
 def bandit(tmp_path, method: str, data: str = "on_policy", **fields) -> StudyConfig:
@@ -193,3 +203,38 @@ def test_length_tasks_need_a_model(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^model_path: the min_length task starts from"):
         load_study_task(load_config(StudyConfig, overrides=["task=min_length"]), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rwr", "reinforce", "best_of_n_negative"])
+def test_sample_methods_weigh_each_sample_as_their_loss_says(method):
+    """The loop hands its per-prompt groups to the losses of bpo.onpolicy.losses unchanged:
+    the same value as calling the loss on the whole minibatch by hand."""
+    from bpo.onpolicy import losses
+
+    b = batch()
+    logps = torch.tensor([-0.5, -0.7, -0.9, -0.1, -0.2, -0.3])
+    cfg = config(f"method={method}", "beta=1.0")
+    loss, _ = method_loss(cfg, b, logps)
+    if method == "rwr":
+        expected = losses.rwr_loss(logps, b.rewards, 1.0, b.group).losses
+    elif method == "reinforce":
+        expected = losses.reinforce_loss(logps, b.rewards, b.group).losses
+    else:
+        best = torch.tensor([False, True, False, True, False, False])  # ties: the first sampled
+        expected = losses.negative_gradient_loss(logps, best, b.group, 1.0,
+                                                 cfg.negative_threshold).losses  # fmt: skip
+    assert loss.item() == pytest.approx(expected.mean().item())
+
+
+def test_bandit_then_study_report_from_the_cli(tmp_path, monkeypatch, capsys):
+    """`bpo bandit` writes where `bpo study-report` reads; an empty root is an error."""
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        assert main(["bandit", "--reward", "r1", "--method", "ipo", "iterations=1", "reuse=1",
+                     "eval_samples=20", f"seed={seed}"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["study-report", "runs/bandit"]) == 0
+    assert "| R1 | on_policy | ipo | 2 | 1 |" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["study-report", "empty"]) == 2
+    assert "root: no runs under empty" in capsys.readouterr().err

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("--method", required=True, help="ipo, dpo, ppo, rwr, best_of_n, ...")
     bd.add_argument("--data", choices=["on_policy", "offline"], default="on_policy")
     bd.add_argument("--bpo", action="store_true", help="behavior reference (BPO) for dpo / ipo")
-    bd.add_argument("--out", help="run directory (default runs/bandit/<reward>-<data>-<method>)")
+    bd.add_argument("--out", help="run directory (default runs/bandit/<reward>/<data>-<method>/"
+                    "seed<seed>, the layout study-report reads)")  # fmt: skip
     bd.add_argument("overrides", nargs="*", metavar="key=value")
     sr = sub.add_parser("study-report", help="table and plots of the study runs under ROOT")
     sr.add_argument("root")
@@ -131,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                 path, overrides = _split(args.args)
                 cfg = load_config(StudyConfig, path, overrides)
             else:
-                name = f"{args.reward}-{args.data}-{'bpo_' if args.bpo else ''}{args.method}"
+                seed = next(
+                    (o.split("=", 1)[1] for o in args.overrides if o.startswith("seed=")), 0
+                )
+                name = f"{args.data}-{'bpo_' if args.bpo else ''}{args.method}"
                 values = bandit_settings(args.data, args.method) | {
                     "task": f"bandit_{args.reward}",
                     "reference": "behavior" if args.bpo else "sft",
-                    "output_dir": args.out or f"runs/bandit/{name}",
+                    "output_dir": args.out or f"runs/bandit/{args.reward}/{name}/seed{seed}",
                 }
                 cfg = load_config(StudyConfig, values=values, overrides=args.overrides)
             print(json.dumps(run_study(cfg), indent=2))

@@ -13,7 +13,8 @@ Method = Literal[
     "pref_ft", "best_of_n", "best_of_n_negative", "rwr", "reinforce", "ppo", "dpo", "ipo"
 ]  # fmt: skip
 PAIR_METHODS = ("pref_ft", "dpo", "ipo")
-"""Methods trained on the ordered pairs of each prompt's samples (r(y_w) > r(y_l))."""
+"""Methods trained on the ordered pairs of each prompt's samples (r(y_w) > r(y_l)). Pref-FT's
+NLL runs over each pair's y_w, so a prompt's best sample counts N − 1 times, its worst never."""
 StudyTask = Literal["bandit_r1", "bandit_r2", "min_length", "mode_length", "skew_length"]
 
 
@@ -39,7 +40,7 @@ class StudyConfig:
     """Sample every iteration from π_θ, or draw from responses sampled once from π_ref."""
     iterations: int = 100
     """Data collection iterations."""
-    B: int = 64
+    B: int = 16
     """Prompts sampled per iteration (the paper's data per iteration), N responses each."""
     N: int = 10
     """Responses per prompt."""
@@ -49,6 +50,9 @@ class StudyConfig:
     """Gradient steps per collected batch (the paper's sample reuse T)."""
     offline_prompts: int = 1024
     """Prompts of the offline dataset, N responses each from π_ref (data=offline)."""
+    ipo_average_logps: bool = False
+    """IPO on length-averaged log-probs; False: summed, as the authors' bandit code sums (DESIGN's
+    default for `bpo train` is averaged)."""
     beta: float = 0.05
     """τ of IPO, β of DPO, the temperature of RWR's weights, the weight of best-of-N's
     negative term."""
@@ -69,13 +73,31 @@ class StudyConfig:
     """cpu or cuda."""
 
     def __post_init__(self) -> None:
-        positive(self, "iterations", "B", "minibatch", "reuse", "offline_prompts", "eval_samples")
+        positive(self, "iterations", "B", "minibatch", "reuse", "offline_prompts", "eval_samples",
+                 "eval_every")  # fmt: skip
         if self.N < 2:
             raise ConfigError(f"N: must be >= 2 (pairs and best-of-N need two), got {self.N}")
         if self.minibatch > self.B:
             raise ConfigError(
                 f"minibatch: {self.minibatch} prompts per step, but B={self.B} per iteration; "
                 f"set minibatch <= B"
+            )
+        if self.reuse * self.minibatch < self.B:
+            raise ConfigError(
+                f"reuse: {self.reuse} steps × minibatch {self.minibatch} prompts train on fewer "
+                f"than the B={self.B} prompts sampled per iteration; raise reuse to "
+                f"{-(-self.B // self.minibatch)} or lower B"
+            )
+        if self.data == "offline" and self.B > self.offline_prompts:
+            raise ConfigError(
+                f"B: {self.B} prompts per iteration, but the offline dataset has "
+                f"offline_prompts={self.offline_prompts}; set B <= offline_prompts"
+            )
+        if self.method == "rwr" and (self.N - 1) ** 0.5 / self.beta > 80:
+            raise ConfigError(
+                f"beta: RWR's weights exp(Â/β) reach exp({(self.N - 1) ** 0.5 / self.beta:.0f}) "
+                f"with N={self.N}, beta={self.beta} and overflow; set beta >= "
+                f"{(self.N - 1) ** 0.5 / 80:.3f} (e.g. beta=1)"
             )
         if self.beta <= 0 or self.clip <= 0 or self.lr <= 0:
             raise ConfigError(
@@ -85,6 +107,11 @@ class StudyConfig:
             raise ConfigError(
                 f"reference: behavior (BPO) is a reference for dpo / ipo, got method="
                 f"{self.method}; set method=dpo or ipo, or reference=sft"
+            )
+        if self.reference == "behavior" and self.data == "offline":
+            raise ConfigError(
+                "reference: behavior with data=offline is offline DPO / IPO (the dataset's "
+                "sampler is π_ref); set reference=sft"
             )
         if self.data == "offline" and self.method in ("ppo", "reinforce"):
             raise ConfigError(

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from bpo.checks import ConfigError  # noqa: E402
 from bpo.onpolicy.bandit import REWARDS  # noqa: E402
 
 PAPER_TABLE3 = {  # Tajwar et al. 2024, Table 3, bandit R1: mean (standard error) over 5 seeds
@@ -60,6 +61,7 @@ def write_report(root: str | Path) -> Path:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    header = len(lines)
     for reward_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for cell in sorted(p for p in reward_dir.iterdir() if p.is_dir()):
             seeds = sorted(cell.glob("seed*/summary.json"))
@@ -70,13 +72,16 @@ def write_report(root: str | Path) -> Path:
             reward, se = _mean_se([s["reward"] for s in summaries])
             kl, kl_se = _mean_se([s["kl"] for s in summaries])
             paper = PAPER_TABLE3.get((reward_dir.name, data, method), "")
+            scaled = (
+                f"{paper_scale(reward, reward_dir.name):.2f}" if reward_dir.name in REWARDS else ""
+            )
             curves = [_evals(s.parent) for s in seeds]
             early, early_se = _mean_se([next(r for step, r, _ in c if step >= EARLY or
                                              step == c[-1][0]) for c in curves])  # fmt: skip
             lines.append(
                 f"| {reward_dir.name.upper()} | {data} | {method} | {len(summaries)} | "
                 f"{summaries[0]['steps']} | {early:.3f} ({early_se:.3f}) | {reward:.3f} ({se:.3f}) "
-                f"| {paper_scale(reward, reward_dir.name):.2f} | {paper} | {kl:.1f} ({kl_se:.1f}) |"
+                f"| {scaled} | {paper} | {kl:.1f} ({kl_se:.1f}) |"
             )
             steps = [step for step, _, _ in curves[0]]
             mean_reward = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
@@ -90,9 +95,14 @@ def write_report(root: str | Path) -> Path:
                                     label=f"{label} y_w")  # fmt: skip
                 axes[2].plot([i[0] for i in implicit], [i[2] for i in implicit], ls="--",
                              color=line[0].get_color(), label=f"{label} y_l")  # fmt: skip
+    if len(lines) == header:
+        raise ConfigError(
+            f"root: no runs under {root} (ROOT/<task>/<data>-<method>/seed*/summary.json); give "
+            "the folder the study's runs were written into"
+        )
     axes[0].set(xlabel="gradient steps", ylabel="reward of π_θ's samples", title="reward")
     axes[1].set(xlabel="KL(π_θ‖π_ref)", ylabel="reward", title="KL-reward trade-off")
-    axes[2].set(xlabel="gradient steps", ylabel="β·log π_θ(y)/π_ref(y)",
+    axes[2].set(xlabel="gradient steps", ylabel="β·log π_θ(y)/π_ref(y) (π_β for BPO)",
                 title="implicit rewards of y_w (solid), y_l (dashed), first seed")  # fmt: skip
     axes[1].legend(fontsize=7)
     fig.tight_layout()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from bpo.config import LoraConfig, ModelConfig
 from bpo.distributed import draw_seed
+from bpo.evaluate import LogpFn
 from bpo.losses import dpo_loss, ipo_loss
 from bpo.onpolicy.config import PAIR_METHODS, StudyConfig
 from bpo.onpolicy.losses import (
@@ -80,6 +81,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
     device = torch.device(cfg.device)
     task = load_study_task(cfg, run.path)
     policy = Policy.load(ModelConfig(task.model_path), "full", LoraConfig(), cfg.seed, device)
+    # π_ref's weights are kept for every method, BPO included: the KL of evaluation reads them
     reference = SnapshotReference(policy).policy_logps(policy, cfg.sampling.batch_size)
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=cfg.lr)
     prompt_ids = policy.encode_prompts(task.prompts)
@@ -129,7 +131,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
 
 def offline_dataset(
     policy: Policy,
-    reference,
+    reference: LogpFn,
     task: StudyTaskData,
     cfg: StudyConfig,
     prompt_ids: list[list[int]],
@@ -152,7 +154,7 @@ def offline_dataset(
 @torch.no_grad()
 def collect(
     policy: Policy,
-    reference,
+    reference: LogpFn,
     task: StudyTaskData,
     cfg: StudyConfig,
     prompt_ids: list[list[int]],
@@ -200,6 +202,9 @@ def method_loss(cfg: StudyConfig, batch: Samples, logps: torch.Tensor) -> tuple[
             return nll_loss(logps[chosen]).losses.mean(), {"pairs": len(chosen)}
         ref = batch.behavior_logps if cfg.reference == "behavior" else batch.reference_logps
         loss_fn = dpo_loss if cfg.method == "dpo" else ipo_loss
+        if cfg.method == "ipo" and cfg.ipo_average_logps:  # per-token log-probs
+            tokens = torch.tensor([max(1, len(r)) for r in batch.response_ids], dtype=torch.float)
+            logps, ref = logps / tokens, ref / tokens  # (n,)
         out = loss_fn(logps[chosen], logps[rejected], ref[chosen], ref[rejected], cfg.beta)
         return out.losses.mean(), {
             "pairs": len(chosen),
@@ -233,10 +238,16 @@ def method_loss(cfg: StudyConfig, batch: Samples, logps: torch.Tensor) -> tuple[
 
 @torch.no_grad()
 def evaluate(
-    policy: Policy, reference, task: StudyTaskData, cfg: StudyConfig, prompt_ids: list[list[int]]
+    policy: Policy,
+    reference: LogpFn,
+    task: StudyTaskData,
+    cfg: StudyConfig,
+    prompt_ids: list[list[int]],
 ) -> dict:
     """Mean gold reward, length and KL(π_θ‖π_ref) ≈ mean log π_θ(y) − log π_ref(y) of
-    `eval_samples` responses sampled from π_θ (temperature as configured)."""
+    `eval_samples` responses sampled from π_θ (temperature as configured). Every evaluation, of
+    every run with this seed, draws from the same seed: common random numbers, so that the
+    difference between two points of a curve, or two methods, is not sampling noise."""
     prompts = [prompt_ids[i % len(prompt_ids)] for i in range(cfg.eval_samples)]
     responses = policy.sample(prompts, cfg.sampling, draw_seed(cfg.seed, 1 << 21))
     rewards = task.reward(prompts, responses, policy)
