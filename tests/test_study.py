@@ -221,8 +221,9 @@ def test_sample_methods_weigh_each_sample_as_their_loss_says(method):
         expected = losses.reinforce_loss(logps, b.rewards, b.group).losses
     else:
         best = torch.tensor([False, True, False, True, False, False])  # ties: the first sampled
+        worse = torch.tensor([True, False, True, False, False, False])  # prompt 1 ties its best
         expected = losses.negative_gradient_loss(logps, best, b.group, 1.0,
-                                                 cfg.negative_threshold).losses  # fmt: skip
+                                                 cfg.negative_threshold, worse).losses  # fmt: skip
     assert loss.item() == pytest.approx(expected.mean().item())
 
 
@@ -238,3 +239,15 @@ def test_bandit_then_study_report_from_the_cli(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["study-report", "empty"]) == 2
     assert "root: no runs under empty" in capsys.readouterr().err
+
+
+def test_ties_with_the_best_are_not_pushed_down_and_tied_minibatches_take_no_step():
+    """Prompt 1's three samples tie: best-of-N's negative term leaves all of them alone (its loss
+    is −log π of the first alone, 0.1, over 3 samples); a minibatch of tied prompts has no pair,
+    and DPO then takes no optimizer step."""
+    b = batch().take([1])
+    logps = torch.tensor([-0.1, -0.2, -0.3])
+    loss, metrics = method_loss(config("method=best_of_n_negative"), b, logps)
+    assert loss.item() == pytest.approx(0.1 / 3) and metrics["negative/active"] == 0.0
+    loss, metrics = method_loss(config("method=dpo"), b, logps)
+    assert loss is None and metrics["pairs"] == 0

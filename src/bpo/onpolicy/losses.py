@@ -94,6 +94,7 @@ def negative_gradient_loss(
     group_ids: torch.Tensor,
     beta: float,
     threshold: float,
+    worse: torch.Tensor | None = None,
 ) -> NegativeGradientOutput:
     """Best-of-N with a negative gradient: −log π(y_best) for the best of each group and
     +β·log π(y) for the others, each of those only while log π(y) − log π(y_best) > threshold.
@@ -107,6 +108,9 @@ def negative_gradient_loss(
 
     Scale: the authors sum the terms of a group and average over prompts; the mean of these
     per-sample losses over n = G·N samples is that divided by N.
+
+    `worse` (n,) marks the samples that may be pushed down (e.g. those with a lower reward than
+    the best: a sample as good as the best is left alone); default: every sample but the best.
     """
     index, n_groups = _group_index(group_ids)
     bests_per_group = torch.zeros(n_groups, dtype=torch.long, device=index.device)
@@ -118,7 +122,8 @@ def negative_gradient_loss(
         )
     logps = policy_logps.detach()
     best_logps = logps.new_zeros(n_groups).index_add(0, index[is_best], logps[is_best])  # (G,)
-    active = ~is_best & (logps - best_logps[index] > threshold)  # (n,)
+    worse = ~is_best if worse is None else worse & ~is_best
+    active = worse & (logps - best_logps[index] > threshold)  # (n,)
     pushed_down = torch.where(active, beta * policy_logps, torch.zeros_like(policy_logps))
     losses = torch.where(is_best, -policy_logps, pushed_down)
     return NegativeGradientOutput(losses, active)

@@ -181,23 +181,30 @@ def collect(
 def update(
     policy: Policy, optimizer: torch.optim.Optimizer, cfg: StudyConfig, batch: Samples
 ) -> tuple[float, dict]:
-    """One Adam step of `cfg.method` on the minibatch; returns its loss and metrics."""
+    """One Adam step of `cfg.method` on the minibatch; returns its loss and metrics. A minibatch
+    with nothing to learn from (no pair: every reward of a prompt ties) takes no step, so Adam's
+    momentum does not move the weights on a zero gradient."""
     with policy.training():
         logps = policy.logps(batch.prompt_ids, batch.response_ids).float().cpu()  # (n,)
         loss, metrics = method_loss(cfg, batch, logps)
+        if loss is None:
+            return 0.0, metrics
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
     optimizer.step()
     return loss.item(), metrics
 
 
-def method_loss(cfg: StudyConfig, batch: Samples, logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The mean loss of `cfg.method` over the minibatch, and what it says about y_w / y_l."""
+def method_loss(
+    cfg: StudyConfig, batch: Samples, logps: torch.Tensor
+) -> tuple[torch.Tensor | None, dict]:
+    """The mean loss of `cfg.method` over the minibatch (None: no pair to learn from), and what
+    it says about y_w / y_l."""
     rewards, group = batch.rewards, batch.group
     if cfg.method in PAIR_METHODS:
         chosen, rejected = all_ordered_pairs(rewards, group)  # every r_i > r_j of a prompt
         if not len(chosen):  # every prompt's N rewards tie: nothing to learn from
-            return logps.sum() * 0.0, {"pairs": 0}
+            return None, {"pairs": 0}
         if cfg.method == "pref_ft":
             return nll_loss(logps[chosen]).losses.mean(), {"pairs": len(chosen)}
         ref = batch.behavior_logps if cfg.reference == "behavior" else batch.reference_logps
@@ -221,7 +228,11 @@ def method_loss(cfg: StudyConfig, batch: Samples, logps: torch.Tensor) -> tuple[
             best[members[rewards[members].argmax()]] = True  # ties: the first sampled
         if cfg.method == "best_of_n":
             return nll_loss(logps[best]).losses.mean(), {"logps/best": logps[best].mean().item()}
-        out = negative_gradient_loss(logps, best, group, cfg.beta, cfg.negative_threshold)
+        top = rewards.new_zeros(int(group.max()) + 1).scatter_reduce(
+            0, group, rewards, "amax", include_self=False
+        )  # (G,): each prompt's best reward
+        worse = rewards < top[group]  # ties with the best are not pushed down
+        out = negative_gradient_loss(logps, best, group, cfg.beta, cfg.negative_threshold, worse)
         return out.losses.mean(), {
             "logps/best": logps[best].mean().item(),
             "logps/others": logps[~best].mean().item(),
