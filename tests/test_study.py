@@ -146,7 +146,8 @@ def test_report_averages_seeds_beside_the_paper(tmp_path):
     for seed, reward in ((0, 0.9), (1, 1.0)):
         run = tmp_path / "r1" / "on_policy-ipo" / f"seed{seed}"
         run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({"reward": reward, "kl": 10.0, "steps": 5}))
+        summary = {"reward": reward, "kl": 10.0, "steps": 5, "length": 10.0}
+        (run / "summary.json").write_text(json.dumps(summary))
         evals = [{"step": s, "eval/reward": reward, "eval/kl": 2.0 * s} for s in (0, 5)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     report = write_report(tmp_path).read_text()

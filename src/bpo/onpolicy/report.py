@@ -54,11 +54,11 @@ def write_report(root: str | Path) -> Path:
         f"Made by `bpo study-report {root}`. Reward: mean gold reward of π_θ's samples at the "
         "end; on the paper's scale: 0.9·reward + 0.1·E_uniform[R(a)] (the authors average over "
         "9 response tokens and a random prompt token). KL: mean log π_θ(y) − log π_ref(y) of "
-        "those samples. Mean (standard error) over seeds.",
+        "those samples. Length: tokens before EOS. Mean (standard error) over seeds.",
         "",
         f"| reward | data | method | seeds | steps | reward at {EARLY} steps | reward "
-        "| paper scale | Table 3 | KL |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| paper scale | Table 3 | KL | length |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     header = len(lines)
@@ -71,6 +71,7 @@ def write_report(root: str | Path) -> Path:
             data, method = cell.name.split("-", 1)
             reward, se = _mean_se([s["reward"] for s in summaries])
             kl, kl_se = _mean_se([s["kl"] for s in summaries])
+            length, length_se = _mean_se([s["length"] for s in summaries])
             paper = PAPER_TABLE3.get((reward_dir.name, data, method), "")
             scaled = (
                 f"{paper_scale(reward, reward_dir.name):.2f}" if reward_dir.name in REWARDS else ""
@@ -81,7 +82,7 @@ def write_report(root: str | Path) -> Path:
             lines.append(
                 f"| {reward_dir.name.upper()} | {data} | {method} | {len(summaries)} | "
                 f"{summaries[0]['steps']} | {early:.3f} ({early_se:.3f}) | {reward:.3f} ({se:.3f}) "
-                f"| {scaled} | {paper} | {kl:.1f} ({kl_se:.1f}) |"
+                f"| {scaled} | {paper} | {kl:.1f} ({kl_se:.1f}) | {length:.2f} ({length_se:.2f}) |"
             )
             steps = [step for step, _, _ in curves[0]]
             mean_reward = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
