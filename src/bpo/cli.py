@@ -125,23 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_experiment(cfg, retry_failed=args.retry_failed)
             print(f"{len(rows)} runs; results in {cfg.output_dir}/RESULTS.md and results.csv")
         elif args.command in ("study", "bandit"):
-            from bpo.onpolicy.config import StudyConfig, bandit_settings
+            from bpo.onpolicy.config import StudyConfig, bandit_config
             from bpo.onpolicy.study import run_study
 
             if args.command == "study":
                 path, overrides = _split(args.args)
                 cfg = load_config(StudyConfig, path, overrides)
             else:
-                seed = next(
-                    (o.split("=", 1)[1] for o in args.overrides if o.startswith("seed=")), 0
-                )
-                name = f"{args.data}-{'bpo_' if args.bpo else ''}{args.method}"
-                values = bandit_settings(args.data, args.method) | {
-                    "task": f"bandit_{args.reward}",
-                    "reference": "behavior" if args.bpo else "sft",
-                    "output_dir": args.out or f"runs/bandit/{args.reward}/{name}/seed{seed}",
-                }
-                cfg = load_config(StudyConfig, values=values, overrides=args.overrides)
+                cfg = bandit_config(args.reward, args.method, args.data, args.bpo, args.out,
+                                    args.overrides)  # fmt: skip
             print(json.dumps(run_study(cfg), indent=2))
         elif args.command == "study-report":
             from bpo.onpolicy.report import write_report

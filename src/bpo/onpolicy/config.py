@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bpo.checks import ConfigError, positive
-from bpo.config import SamplingConfig
+from bpo.config import SamplingConfig, load_config
 from bpo.onpolicy.losses import NEGATIVE_GRADIENT_THRESHOLD
 
 Method = Literal[
@@ -135,3 +135,19 @@ def bandit_settings(data: str, method: str) -> dict:
     beta = 1.0 if method == "rwr" else 0.05  # RWR: exp(Â/0.05) would reach e^60
     return {"data": data, "method": method, "N": 10, "lr": lr, "beta": beta, **shape,
             "sampling": {"max_new_tokens": 10}, "eval_every": 10, "eval_samples": 400}  # fmt: skip
+
+
+def bandit_config(
+    reward: str, method: str, data: str, bpo: bool, out: str | None, overrides: list[str]
+) -> StudyConfig:
+    """`bpo bandit`'s run: the authors' settings for `data` and `method`, the behavior reference
+    with `bpo`, written to `out` or runs/bandit/<reward>/<data>-<method>/seed<seed> (the layout
+    `bpo study-report` reads), then `overrides`."""
+    seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), 0)
+    name = f"{data}-{'bpo_' if bpo else ''}{method}"
+    values = bandit_settings(data, method) | {
+        "task": f"bandit_{reward}",
+        "reference": "behavior" if bpo else "sft",
+        "output_dir": out or f"runs/bandit/{reward}/{name}/seed{seed}",
+    }
+    return load_config(StudyConfig, values=values, overrides=overrides)
