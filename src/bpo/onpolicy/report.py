@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from bpo.checks import ConfigError  # noqa: E402
 from bpo.onpolicy.bandit import REWARDS  # noqa: E402
+from bpo.rundir import RunDir  # noqa: E402
 
 PAPER_TABLE3 = {  # Tajwar et al. 2024, Table 3, bandit R1: mean (standard error) over 5 seeds
     ("r1", "offline", "dpo"): "0.82 (0.04)",
@@ -76,7 +77,7 @@ def write_report(root: str | Path) -> Path:
             scaled = (
                 f"{paper_scale(reward, reward_dir.name):.2f}" if reward_dir.name in REWARDS else ""
             )
-            curves = [_evals(s.parent) for s in seeds]
+            curves = [_series(s.parent, "eval/reward", "eval/kl") for s in seeds]
             early, early_se = _mean_se([next(r for step, r, _ in c if step >= EARLY or
                                              step == c[-1][0]) for c in curves])  # fmt: skip
             lines.append(
@@ -90,7 +91,7 @@ def write_report(root: str | Path) -> Path:
             label = f"{reward_dir.name} {data} {method}"
             axes[0].plot(steps, mean_reward, label=label)
             axes[1].plot(mean_kl, mean_reward, marker=".", label=label)
-            implicit = _implicit_rewards(seeds[0].parent)
+            implicit = _series(seeds[0].parent, "rewards/chosen", "rewards/rejected")
             if implicit:
                 line = axes[2].plot([i[0] for i in implicit], [i[1] for i in implicit],
                                     label=f"{label} y_w")  # fmt: skip
@@ -115,21 +116,7 @@ def write_report(root: str | Path) -> Path:
     return path
 
 
-def _implicit_rewards(run_dir: Path) -> list[tuple[int, float, float]]:
-    """(step, implicit reward of y_w, of y_l) of each DPO / IPO step of a run."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").open(encoding="utf-8"):
-        record = json.loads(line)
-        if "rewards/chosen" in record:
-            out.append((record["step"], record["rewards/chosen"], record["rewards/rejected"]))
-    return out
-
-
-def _evals(run_dir: Path) -> list[tuple[int, float, float]]:
-    """(step, reward, KL) of each evaluation of a run."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").open(encoding="utf-8"):
-        record = json.loads(line)
-        if "eval/reward" in record:
-            out.append((record["step"], record["eval/reward"], record["eval/kl"]))
-    return out
+def _series(run_dir: Path, *keys: str) -> list[tuple]:
+    """(step, *values of `keys`) of each metrics record of a run that has `keys[0]`."""
+    records = RunDir(run_dir).read_metrics()
+    return [(r["step"], *(r[k] for k in keys)) for r in records if keys[0] in r]

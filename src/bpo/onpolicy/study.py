@@ -92,7 +92,8 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.iterations, desc=f"{cfg.method} {cfg.data}", disable=not progress)
     step = 0
     eval_ids = policy.encode_prompts(task.eval_prompts)
-    run.log({"step": 0, **evaluate(policy, reference, task, cfg, eval_ids)})
+    final = evaluate(policy, reference, task, cfg, eval_ids)
+    run.log({"step": 0, **final})
     for it in range(cfg.iterations):
         if offline is None:  # on-policy: π_β = π_θ now
             batch_prompts = [prompt_ids[rng.randrange(len(prompt_ids))] for _ in range(cfg.B)]
@@ -110,10 +111,10 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> dict:
             run.log({"step": step, "iteration": it, "loss": loss,
                      "reward/batch": batch.rewards.mean().item(), **metrics})  # fmt: skip
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
-            run.log({"step": step, **evaluate(policy, reference, task, cfg, eval_ids)})
+            final = evaluate(policy, reference, task, cfg, eval_ids)
+            run.log({"step": step, **final})
         bar.update()
     bar.close()
-    final = run.read_metrics()[-1]
     summary = {
         "task": cfg.task,
         "method": cfg.method,
