@@ -16,6 +16,7 @@ import random
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -374,11 +375,17 @@ def build_annotator(
     device: torch.device,
     seed: int,
     field: str = "annotator",
+    run_dir: Path = Path("."),
 ) -> Annotator:
     """The annotator `cfg` describes: the base judge, its length penalty, then its noise
     (noise outermost, so it labels penalised rewards). `default_function` is the reward of
-    type=function when `cfg.function` is None (the task's gold reward)."""
+    type=function when `cfg.function` is None (the task's gold reward). People (type=human)
+    label through the `human/` folder of `run_dir`."""
     dtype = DTYPES[cfg.dtype]
+    if cfg.type == "human":
+        from bpo.human import HumanAnnotator  # it builds on Annotator, defined here
+
+        return HumanAnnotator(run_dir / "human", cfg.labels_per_pair, cfg.wait, seed, run_dir)
     if cfg.type == "preference_model":
         return PreferenceModelAnnotator(
             cfg.path,

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.checks import ConfigError
+from bpo.human import WaitingForLabels
 from bpo.pool import append_records, read_records
 from bpo.rundir import RunDir
 
@@ -233,6 +234,8 @@ class AnnotationLog(RewardAnnotator):
         for _ in range(tries):
             try:
                 answers = [float(x) for x in ask(indices)]
+            except WaitingForLabels:  # people have not labelled yet: no failure to retry
+                raise
             except Exception as e:  # a user's function or a remote judge may fail in any way
                 problem = f"{type(e).__name__}: {e}"
                 continue

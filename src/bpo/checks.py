@@ -123,6 +123,11 @@ def validate_train(cfg: TrainConfig) -> None:
     n, temperatures = cfg.pairs.samples_per_prompt, cfg.pairs.temperatures
     if n < 2:
         raise ConfigError(f"pairs.samples_per_prompt: must be >= 2, got {n}")
+    if n > 2 and cfg.annotator.type in ("preference_model", "human"):
+        raise ConfigError(
+            f"pairs.samples_per_prompt: best-vs-worst of {n} needs rewards, and "
+            f"annotator.type={cfg.annotator.type} compares pairs; use samples_per_prompt=2"
+        )
     if temperatures and (n % len(temperatures) or min(temperatures) <= 0):
         raise ConfigError(
             f"pairs.temperatures: {list(temperatures)} must be > 0 and split "
@@ -140,9 +145,21 @@ def validate_annotator(cfg: AnnotatorConfig) -> None:
     for name in ("max_length", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"annotator.{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.type != "human":
+        reject_unread(cfg, "annotator", _HUMAN_ONLY, f"annotator.type={cfg.type}",
+                      " or set annotator.type=human")  # fmt: skip
     if cfg.type == "function":
         unread = ("path", "encoding", "max_length", "batch_size", "dtype", *_PM_ONLY)
         fix = " or set annotator.type to reward_model or preference_model"
+    elif cfg.type == "human":
+        if cfg.labels_per_pair < 1:
+            raise ConfigError(
+                f"annotator.labels_per_pair: must be >= 1, got {cfg.labels_per_pair}; 2 or more "
+                "has several people label each pair and reports their agreement"
+            )
+        unread = ("function", "path", "encoding", "max_length", "batch_size", "dtype",
+                  "noise_temperature", "length_penalty", *_PM_ONLY)  # fmt: skip
+        fix = " (people label the pairs)"
     else:
         if cfg.function is not None:
             raise ConfigError(
@@ -162,6 +179,7 @@ def validate_annotator(cfg: AnnotatorConfig) -> None:
 
 
 _PM_ONLY = ("labels", "answer_prefix")
+_HUMAN_ONLY = ("labels_per_pair", "wait")
 
 DATASET_ONLY = (
     "dataset", "data_dir", "train_split", "eval_split", "prompt_column", "label_column",

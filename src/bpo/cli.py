@@ -9,11 +9,14 @@
     bpo study CONFIG.yaml [key=value ...]
     bpo study-report ROOT
     bpo bandit --reward r1|r2 --method M [--data on_policy|offline] [--bpo] [key=value ...]
+    bpo annotate RUN_DIR [--host H] [--port P] | --import FILE [--annotator NAME]
+                 | --export FILE | --status
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
 
 Overrides use OmegaConf's dotted `key=value` form (e.g. `lora.r=16 method=on_policy_bpo`);
-the CONFIG file is optional when the overrides give every required field.
+the CONFIG file is optional when the overrides give every required field. A run whose people
+have not labelled its phase yet (annotator.type=human, annotator.wait=false) exits with code 3.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from bpo.config import (
     TrainConfig,
     load_config,
 )
+from bpo.human import WaitingForLabels
 from bpo.pool import DiskFull
 from bpo.rm_config import PreferenceModelConfig, RewardModelConfig
 
@@ -83,6 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("overrides", nargs="*", metavar="key=value")
     sr = sub.add_parser("study-report", help="table and plots of the study runs under ROOT")
     sr.add_argument("root")
+    an = sub.add_parser("annotate", help="label a run's pending pairs on a local web page")
+    an.add_argument("run_dir")
+    an.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                    "127.0.0.1: this machine only)")  # fmt: skip
+    an.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    an.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=10.0,
+        help="how long a pair shown to one annotator is kept from the others",
+    )
+    action = an.add_mutually_exclusive_group()
+    action.add_argument(
+        "--import",
+        dest="import_file",
+        metavar="FILE",
+        help="add labels from a .csv/.jsonl (pair_id, choice, [annotator])",
+    )
+    action.add_argument("--export", metavar="FILE", help="write the unlabelled pairs to a "
+                        ".csv/.jsonl for another labelling tool")  # fmt: skip
+    action.add_argument("--status", action="store_true", help="print progress and agreement")
+    an.add_argument("--annotator", help="with --import: the name of rows without one")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
     ex = sub.add_parser("export", help="a LoRA run as merged/, adapter/ (peft) and members/")
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             from bpo.onpolicy.report import write_report
 
             print(write_report(args.root).read_text(encoding="utf-8"))
+        elif args.command == "annotate":
+            _annotate(args)
         elif args.command == "export":
             from bpo.export import export_run
 
@@ -150,7 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError, AnnotatorError, DiskFull) as e:
         print(f"bpo {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except WaitingForLabels as e:
+        print(f"bpo {args.command}: {e}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _annotate(args: argparse.Namespace) -> None:
+    """`bpo annotate`: serve the labelling page, or import, export or show the labels."""
+    from pathlib import Path
+
+    from bpo.annotate import check_human_run, serve
+    from bpo.human import LabelQueue, export_pending, import_labels
+
+    if args.annotator and not args.import_file:
+        raise ConfigError("--annotator: names the rows of an --import; give --import FILE")
+    if not (args.import_file or args.export or args.status):
+        serve(args.run_dir, args.host, args.port, args.lease_minutes)
+        return
+    check_human_run(Path(args.run_dir))
+    queue = LabelQueue(Path(args.run_dir) / "human")
+    if args.import_file:
+        print(json.dumps(import_labels(queue, args.import_file, args.annotator), indent=2))
+    elif args.export:
+        print(f"{export_pending(queue, args.export)} pairs written to {args.export}")
+    else:
+        print(json.dumps(queue.status(), indent=2))
 
 
 if __name__ == "__main__":

@@ -124,8 +124,9 @@ class SamplingConfig:
 
 @dataclass
 class AnnotatorConfig:
-    type: Literal["function", "reward_model", "preference_model"] = "function"
-    """Who judges pairs: a Python reward function, a reward model or a pairwise preference model."""
+    type: Literal["function", "reward_model", "preference_model", "human"] = "function"
+    """Who judges pairs: a Python reward function, a reward model, a pairwise preference model,
+    or people, who label each phase's pairs with `bpo annotate RUN_DIR` (bpo.human)."""
     function: str | None = None
     """Reward function `module:function` with signature (prompt, response) -> float; None: the
     task's gold reward. Only for type=function."""
@@ -156,6 +157,12 @@ class AnnotatorConfig:
     (as `bpo train-pm` trained it)."""
     answer_prefix: str = " [BEST] "
     """Text after the two responses that a preference_model's answer follows."""
+    labels_per_pair: int = 1
+    """human: different annotators who label each pair; with 2 or more their agreement is
+    reported and the majority decides (an even split is a tie)."""
+    wait: bool = True
+    """human: wait for each phase's labels; false: stop with exit code 3 once the phase's pairs
+    are written, and continue with the same command and --resume when they are labelled."""
 
     def __post_init__(self) -> None:
         validate_annotator(self)

@@ -22,7 +22,14 @@ from bpo.annotators import (
     build_annotator,
     evaluation_scorer,
 )
-from bpo.config import ModelConfig, SamplingConfig, SFTConfig, TrainConfig, load_config
+from bpo.config import (
+    ConfigError,
+    ModelConfig,
+    SamplingConfig,
+    SFTConfig,
+    TrainConfig,
+    load_config,
+)
 from bpo.distributed import on_main
 from bpo.policy import Policy
 from bpo.rundir import RunDir
@@ -86,13 +93,25 @@ def gold_judge(scorer: Annotator, task_reward: str | None) -> FunctionAnnotator 
 
 
 def evaluation_judge(
-    cfg: TrainConfig | SFTConfig, task_reward: str | None, device: torch.device
+    cfg: TrainConfig | SFTConfig,
+    task_reward: str | None,
+    device: torch.device,
+    judge: Annotator | None = None,
 ) -> Annotator:
     """`eval.scorer` if given, else the run's annotator without its label noise (the paper's
-    protocol: the simulator that annotates also evaluates)."""
+    protocol: the simulator that annotates also evaluates), `judge` when the run has built it
+    already. People do not judge evaluations: with annotator.type=human the task's gold reward
+    does."""
     if cfg.eval.scorer:
         return FunctionAnnotator(cfg.eval.scorer, field="eval.scorer")
-    return evaluation_scorer(build_annotator(cfg.annotator, task_reward, device, cfg.seed))
+    if cfg.annotator.type == "human":
+        if task_reward is None:
+            raise ConfigError(
+                "eval.scorer: annotator.type=human, and people do not judge evaluations; the "
+                "task has no gold reward to judge them either, so set eval.scorer=module:function"
+            )
+        return FunctionAnnotator(task_reward, field="task")
+    return evaluation_scorer(judge or build_annotator(cfg.annotator, task_reward, device, cfg.seed))
 
 
 def _judge(

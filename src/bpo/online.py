@@ -16,11 +16,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from bpo.annotators import FunctionAnnotator, build_annotator, evaluation_scorer
+from bpo.annotators import build_annotator
 from bpo.checkpoint import AnnotationLog
 from bpo.config import ConfigError, TrainConfig
 from bpo.distributed import local_slice
-from bpo.evaluate import LogpFn, evaluate, gold_judge
+from bpo.evaluate import LogpFn, evaluate, evaluation_judge, gold_judge
+from bpo.human import HumanAnnotator
 from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs, timed
 from bpo.policy import Policy
@@ -43,12 +44,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
     if cfg.sampling.backend == "vllm":  # before the optimizer and reference take memory
         policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)
     reference = make_reference(cfg, policy)
-    judge = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed)
-    scorer = (  # eval.scorer, else the annotator without its label noise
-        FunctionAnnotator(cfg.eval.scorer, field="eval.scorer")
-        if cfg.eval.scorer
-        else evaluation_scorer(judge)
-    )
+    judge = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed, run_dir=run.path)
+    scorer = evaluation_judge(cfg, task.reward, policy.device, judge)
     annotator = AnnotationLog(
         judge, run.annotations if run.writer else None, resume, cfg.annotator.retries,
         cfg.annotator.on_failure,
@@ -74,6 +71,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
                          annotator, pool, run)  # fmt: skip
     start = state.restore() if resume else 0
 
+    def saved_at(step: int) -> bool:
+        return bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+
     def run_eval(step: int, final: bool = False) -> dict:
         policy.sync_vllm(step)  # an evaluation need not fall on a phase's start
         metrics = evaluate(
@@ -94,6 +94,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         with accelerator.autocast():  # one precision for behavior log-probs and updates
             if t % cfg.K == 0:  # annotation phase (Algorithm 1, line 3)
                 phase = t // cfg.K
+                if isinstance(judge, HumanAnnotator) and t > start and not saved_at(t):
+                    state.save(t, cfg.keep_checkpoints)  # people may take days: resume here
                 # π_β ← π_θ: the current policy samples and scores its own pairs (lines 4–10)
                 policy.sync_vllm(t)
                 try:
@@ -133,7 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         last = t + 1 == cfg.T
         if last or (cfg.eval.every and (t + 1) % cfg.eval.every == 0):
             final_eval = run_eval(t + 1, final=last)
-        if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and not last:
+        if saved_at(t + 1) and not last:
             state.save(t + 1, cfg.keep_checkpoints)
     if collapsed_at is not None:
         final_eval = run_eval(collapsed_at, final=True)
@@ -160,6 +162,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         "responses_scored": collected.responses_scored,
         "collapsed_at_step": collapsed_at,
         "prompts_truncated": task.truncated,
+        **(judge.report() if isinstance(judge, HumanAnnotator) else {}),
         "win_rate": final_eval["eval/win_rate"],
         **{k.removeprefix("eval/"): v for k, v in final_eval.items() if k != "eval/win_rate"},
         "wall_seconds": time.perf_counter() - started,
