@@ -9,6 +9,11 @@ interleaved over several repetitions:
 Then end-to-end on-policy BPO (sampling + annotation + update) with k = 1 and k = 5.
 
     python benchmarks/ensemble_step.py [--repeats 5] [--steps 10] [--threads 2]
+    python benchmarks/ensemble_step.py --device cuda [--hidden-size 512 --num-layers 8 ...]
+
+On CUDA the timers are read after `torch.cuda.synchronize()`, so a step's queued kernels count
+in its own time. `--hidden-size`, `--num-layers` and `--num-heads` replace the demo model by a
+larger random Llama of the same tokenizer.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from bpo.reference import BehaviorReference
 from bpo.tasks.digest import build_tokenizer, make_task
 from bpo.tiny import build_tiny_llama
 
-CPU = torch.device("cpu")
 R, ALPHA, B, K = 16, 32.0, 16, 5
 
 
@@ -53,15 +57,15 @@ def make_batches(policy: Policy, n: int, seed: int = 0) -> list[PairBatch]:
                 [rng.randrange(4, 66) for _ in range(rng.randint(3, 8))] + [2] for _ in "wl"
             )
             pairs.append(PreferencePair("", "", "", p, chosen, rejected, -10.0, -11.0, 0, 1.0))
-        batches.append(PairBatch(pairs, CPU, policy.pad_id))
+        batches.append(PairBatch(pairs, policy.device, policy.pad_id))
     return batches
 
 
 class Sequential:
     """The paper's loop: one peft model holding k adapters, trained one after another."""
 
-    def __init__(self, model_path: str) -> None:
-        lm = AutoModelForCausalLM.from_pretrained(model_path)
+    def __init__(self, model_path: str, device: torch.device) -> None:
+        lm = AutoModelForCausalLM.from_pretrained(model_path).to(device)
         config = PeftLoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear",
                                 lora_dropout=0.0)  # fmt: skip
         self.model = get_peft_model(lm, config, adapter_name="m0")
@@ -74,22 +78,30 @@ class Sequential:
             self.optimizers.append(torch.optim.AdamW(params, lr=1e-4))
 
     def step(self, batch: PairBatch, cfg: TrainConfig) -> None:
+        behavior = batch.behavior_chosen.to(batch.device), batch.behavior_rejected.to(batch.device)
         for i, optimizer in enumerate(self.optimizers):
             self.model.set_adapter(f"m{i}")  # also makes only m{i} trainable
             logps = sequence_logps(self.model, *batch.packed)
             chosen, rejected = logps.chunk(2)
-            loss = dpo_loss(chosen, rejected, batch.behavior_chosen, batch.behavior_rejected,
-                            cfg.beta).losses.mean()  # fmt: skip
+            loss = dpo_loss(chosen, rejected, *behavior, cfg.beta).losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             optimizer.step()
 
 
-def time_steps(step, batches) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, batches, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for batch in batches:
         step(batch)
+    synchronize(device)
     return (time.perf_counter() - start) / len(batches)
 
 
@@ -99,17 +111,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--e2e-steps", type=int, default=20)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps of each variant")
+    parser.add_argument("--hidden-size", type=int, default=DEMO_MODEL["hidden_size"])
+    parser.add_argument("--num-layers", type=int, default=DEMO_MODEL["num_layers"])
+    parser.add_argument("--num-heads", type=int, default=DEMO_MODEL["num_heads"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
+    device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp())
-    model_path = str(build_tiny_llama(build_tokenizer(), tmp / "model", **DEMO_MODEL))
+    size = {"hidden_size": args.hidden_size, "num_layers": args.num_layers,
+            "num_heads": args.num_heads}  # fmt: skip
+    model_path = str(build_tiny_llama(build_tokenizer(), tmp / "model", **size))
     cfg = load_config(TrainConfig, overrides=[f"model.path={model_path}", "method=bpo", "F=1"])
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=device.type == "cpu")
 
     def bpo_step(members: int):
         policy = Policy.load(ModelConfig(model_path), "lora",
-                             LoraConfig(r=R, alpha=ALPHA, members=members), 0, CPU)  # fmt: skip
+                             LoraConfig(r=R, alpha=ALPHA, members=members), 0, device)  # fmt: skip
         optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
         reference = BehaviorReference()
         return policy, lambda batch: dap_update(
@@ -118,7 +138,7 @@ def main() -> None:
 
     single, single_step = bpo_step(1)
     _, batched_step = bpo_step(K)
-    sequential = Sequential(model_path)
+    sequential = Sequential(model_path, device)
     batches = make_batches(single, args.steps)
     variants = {
         "k=1 (peft)": single_step,
@@ -126,13 +146,22 @@ def main() -> None:
         f"k={K} sequential (paper)": lambda b: sequential.step(b, cfg),
     }
     for step in variants.values():  # warm-up
-        step(batches[0])
+        for i in range(args.warmup):
+            step(batches[i % len(batches)])
+    synchronize(device)
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, step in variants.items():
-            times[name].append(time_steps(step, batches))
+            times[name].append(time_steps(step, batches, device))
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"## Time per optimizer step (B = {B} pairs, r = {R}, {args.threads} threads, "
+    if size != DEMO_MODEL:
+        n_params = sum(p.numel() for p in single.model.get_base_model().parameters())
+        print(f"Model: hidden {args.hidden_size}, {args.num_layers} layers, "
+              f"{args.num_heads} heads, {n_params / 1e6:.2f} M parameters\n")  # fmt: skip
+    where = f"{args.threads} threads"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    print(f"## Time per optimizer step (B = {B} pairs, r = {R}, {where}, "
           f"median of {args.repeats} × {args.steps} steps)\n")  # fmt: skip
     print("| variant | ms / step | vs k=1 |")
     print("| --- | --- | --- |")
@@ -149,7 +178,7 @@ def main() -> None:
                 "method=on_policy_bpo", f"T={args.e2e_steps}", f"B={B}", "lora.r=16",
                 "lora.alpha=32", f"lora.members={members}", "sampling.max_new_tokens=10",
                 "eval.every=0", "eval.n_prompts=1", "eval.kl=false", "task.n_sft=0",
-                "task.n_eval=1", "device=cpu"])  # fmt: skip
+                "task.n_eval=1", f"device={args.device}"])  # fmt: skip
             summary = train(run_cfg, progress=False)
             rates[members].append(summary["pairs_annotated"] / summary["wall_seconds"])
     one, five = statistics.median(rates[1]), statistics.median(rates[K])
