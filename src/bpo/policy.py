@@ -49,6 +49,8 @@ def load_causal_lm(model: ModelConfig, device: torch.device):
             "(e.g. tokenizer.pad_token = tokenizer.eos_token) and save it again"
         )
     disable_dropout(lm)
+    if device.type == "cuda":
+        avoid_cudnn_attention()
     # the checkpoint's decoding defaults (top-k, min_p, penalties) must not reach collection
     lm.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -56,6 +58,20 @@ def load_causal_lm(model: ModelConfig, device: torch.device):
         pad_token_id=tokenizer.pad_token_id,
     )
     return lm.to(device), tokenizer
+
+
+def avoid_cudnn_attention() -> None:
+    """Take cuDNN out of torch's scaled-dot-product-attention backends, process-wide.
+
+    torch 2.11 sends bf16/fp16 attention with a padding mask to cuDNN first on an H100, and
+    cuDNN builds an execution plan for every new (batch, length) shape: 86 ms for a forward and
+    155 ms for a forward + backward on an H100, against 1-2 ms for the memory-efficient
+    backend. Every decoding step, every update and every behavior pass of a bpo run has a new
+    shape, so a bf16 run took 2.6-3.9× as long as an fp32 one (docs/SCALE.md). Flash and the
+    memory-efficient kernels need no plan; call `torch.backends.cuda.enable_cudnn_sdp(True)`
+    after loading to have cuDNN back.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
