@@ -28,7 +28,7 @@ from transformers import (
 
 from bpo.checks import check_model_folder
 from bpo.config import AnnotatorConfig, ConfigError
-from bpo.policy import DTYPES, left_pad
+from bpo.policy import DTYPES, avoid_cudnn_attention, left_pad
 
 
 class Annotator(ABC):
@@ -438,6 +438,8 @@ def _load(auto_class: type, path: str, dtype: torch.dtype, device: torch.device 
             "folder written by save_pretrained or a Hub id"
         ) from None
     model.requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        avoid_cudnn_attention()  # cuDNN builds a plan per new shape (bpo.policy)
     return tokenizer, model.eval().to(device)
 
 

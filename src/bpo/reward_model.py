@@ -42,7 +42,7 @@ from bpo.annotators import (
 from bpo.checkpoint import restore_training, save_training
 from bpo.checks import check_model_folder
 from bpo.config import ConfigError, ModelConfig
-from bpo.policy import DTYPES, disable_dropout
+from bpo.policy import DTYPES, avoid_cudnn_attention, disable_dropout
 from bpo.pool import PreferencePool
 from bpo.rm_config import (
     PairDataConfig,
@@ -271,6 +271,8 @@ def _load(auto_class: type, model_cfg: ModelConfig, device: torch.device, **kwar
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     disable_dropout(model)
+    if torch.device(device).type == "cuda":
+        avoid_cudnn_attention()  # cuDNN builds a plan per new shape (bpo.policy)
     return tokenizer, model.to(device)
 
 
