@@ -113,10 +113,35 @@ def test_with_two_labels_per_pair_each_pair_goes_to_two_different_annotators(tmp
 
 def test_a_held_pair_goes_to_another_annotator_once_its_lease_ends(run_dir):
     leases, queue = Leases(seconds=0.0), LabelQueue(run_dir / "human")
-    first = next_pair(queue, leases, "client:a")
-    assert next_pair(queue, leases, "client:b").id == first.id  # a's hold ended at once
+    first = next_pair(queue, leases, "aaaaaaaa", "client:aaaaaaaa")
+    assert next_pair(queue, leases, "bbbbbbbb", "client:bbbbbbbb").id == first.id  # a's ended
     held = Leases(seconds=600.0)
-    assert next_pair(queue, held, "client:a").id != next_pair(queue, held, "client:b").id
+    a = next_pair(queue, held, "aaaaaaaa", "client:aaaaaaaa")
+    assert next_pair(queue, held, "bbbbbbbb", "client:bbbbbbbb").id != a.id
+    assert next_pair(queue, held, "aaaaaaaa", "client:aaaaaaaa").id == a.id  # still a's
+    assert len(held.held) == 2  # one pair per page session, no more
+
+
+def test_pages_open_at_once_get_different_pairs_and_a_renamed_page_keeps_its_own(run_dir):
+    http = client_for(run_dir)
+    tabs = ["aaaaaaaa", "bbbbbbbb", "cccccccc", "dddddddd"]
+    shown = [get_next(http, tab)["pair"]["id"] for tab in tabs]  # all open before any label
+    assert len(set(shown)) == 4
+    same_name = [get_next(http, tab, name="ann")["pair"]["id"] for tab in ("eeeeeeee", "ffffffff")]
+    assert len(set(same_name) | set(shown)) == 6  # one person's two tabs: two pairs
+    renamed = get_next(http, "aaaaaaaa", name="bob")["pair"]["id"]
+    assert renamed == shown[0]  # a page keeps its pair when its name changes: none is stranded
+
+
+def test_with_two_labels_per_pair_open_pages_share_a_pair_only_between_two_people(tmp_path):
+    LabelQueue(tmp_path / "human").add_batch(["x", "y"], ["a", "c"], ["b", "d"], 2, seed=0)
+    http = client_for(tmp_path)
+    ann = [get_next(http, tab, name="ann")["pair"] for tab in ("aaaaaaaa", "bbbbbbbb")]
+    bob = get_next(http, "cccccccc", name="bob")["pair"]
+    cat = get_next(http, "dddddddd", name="cat")["pair"]
+    assert ann[0]["id"] != ann[1]["id"] and bob["id"] == ann[0]["id"]
+    assert cat["id"] == ann[1]["id"]  # the first pair has its two people on it already
+    assert get_next(http, "eeeeeeee", name="dan")["pair"] is None
 
 
 def test_a_skipped_pair_comes_back_last_and_goes_to_others_first(run_dir):
@@ -151,6 +176,14 @@ def test_bad_or_oversized_labels_are_refused_and_nothing_is_written(run_dir, bod
     response = http.post("/api/label", json=body, headers={"X-BPO-Token": TOKEN})
     assert response.status_code == code
     assert LabelQueue(run_dir / "human").labels() == []
+
+
+def test_other_methods_and_paths_need_the_token_too(run_dir):
+    http = client_for(run_dir)
+    for method, path in [("options", "/"), ("head", "/"), ("get", "/static/x"),
+                         ("get", "/../config.yaml"), ("put", "/api/label")]:  # fmt: skip
+        assert getattr(http, method)(path).status_code == 403
+    assert http.get("/nope", headers={"X-BPO-Token": TOKEN}).status_code == 404
 
 
 def test_an_oversized_query_is_refused(run_dir):
@@ -213,13 +246,26 @@ def test_a_killed_server_loses_no_label_it_acknowledged(run_dir):
         server.wait()
 
 
-def test_a_busy_port_is_named(run_dir):
+def test_a_second_server_for_one_run_is_refused(run_dir):
     (run_dir / "config.yaml").write_text("annotator:\n  type: human\n", encoding="utf-8")
+    server, _, _ = start_server(run_dir)
+    try:
+        with pytest.raises(ConfigError, match="another `bpo annotate` serves"):
+            serve(run_dir, port=0)
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_a_busy_port_is_named(run_dir, tmp_path_factory):
+    (run_dir / "config.yaml").write_text("annotator:\n  type: human\n", encoding="utf-8")
+    tmp_path = tmp_path_factory.mktemp("other")
+    (tmp_path / "config.yaml").write_text("annotator:\n  type: human\n", encoding="utf-8")
     server, base, _ = start_server(run_dir)
     try:
         port = base.rsplit(":", 1)[1]
         with pytest.raises(ConfigError, match=f"--port: cannot listen on 127.0.0.1:{port}"):
-            serve(run_dir, port=int(port))
+            serve(tmp_path, port=int(port))
     finally:
         server.terminate()
         server.wait()

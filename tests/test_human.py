@@ -166,6 +166,44 @@ def test_a_bad_import_row_is_named_and_nothing_is_written(tmp_path, row, message
     assert queue.labels() == []
 
 
+def test_imports_need_names_where_pairs_need_several_people(tmp_path):
+    queue = LabelQueue(tmp_path / "human")
+    (p,) = queue.add_batch(["x"], ["a"], ["b"], needed=2, seed=0)
+    unnamed = tmp_path / "unnamed.csv"
+    unnamed.write_text(f"\ufeffpair_id,choice\n{p.id},1\n", encoding="utf-8")  # Excel's BOM
+    with pytest.raises(ConfigError, match="row 2: the pair needs 2 labels from different people"):
+        import_labels(queue, unnamed)
+    first = import_labels(queue, unnamed, annotator="ann")
+    assert (first["imported"], first["waiting"]) == (1, 1)
+    second = tmp_path / "b" / "unnamed.csv"  # another person's file of the same name
+    second.parent.mkdir()
+    second.write_text(f"pair_id,choice\n{p.id},2\n{p.id},2\n", encoding="utf-8")
+    out = import_labels(queue, second, annotator="bob")
+    assert (out["imported"], out["already_given"], out["waiting"]) == (1, 1, 0)
+    late = import_labels(queue, second, annotator="cat")
+    assert (late["imported"], late["pair_complete"]) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("{oops", "line 2: not a JSON object"), ('["a", 1]', "line 2: not a JSON object")],
+)
+def test_a_bad_jsonl_line_is_named(tmp_path, line, message):
+    queue = LabelQueue(tmp_path / "human")
+    (p,) = queue.add_batch(["x"], ["a"], ["b"], needed=1, seed=0)
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"pair_id": p.id, "choice": "1"}) + "\n" + line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        import_labels(queue, path)
+
+
+def test_kappa_is_none_when_chance_agreement_is_certain(tmp_path):
+    pairs = LabelQueue(tmp_path).add_batch(["x", "y"], ["a", "c"], ["b", "d"], 3, seed=0)
+    counted = {p.id: [label(p.id, "tie", w) for w in "xyz"] for p in pairs}
+    assert agreement(pairs, counted) == {"pairs_labelled_twice": 2, "agreement": 1.0,
+                                         "kappa": None}  # fmt: skip
+
+
 def test_a_writer_killed_mid_record_does_not_corrupt_the_next_label(tmp_path):
     queue = LabelQueue(tmp_path)
     (p,) = queue.add_batch(["x"], ["a"], ["b"], needed=1, seed=0)
@@ -246,3 +284,30 @@ def test_a_run_stops_for_labels_and_resumes_until_its_budget_is_labelled(tiny_mo
         assert any(r["prompt"] == pair.prompt and r["chosen"] == chosen for r in pool)
     assert summary["human_labels"] == len(given) == summary["annotator_calls"]
     assert (run / "checkpoints" / "step-000002").is_dir()  # saved at the second phase's start
+
+
+def test_a_resumed_run_asks_about_the_responses_it_sampled_before(train_config, monkeypatch):
+    """Where sampling would not repeat (vLLM, GPU kernels), the questions and the labels given
+    to them must still match: the resumed run takes its stored samples back."""
+    from bpo.online import train
+    from bpo.policy import Policy
+
+    cfg = train_config("run", "method=bpo", "F=2", "annotator.type=human", "annotator.wait=false")
+    with pytest.raises(WaitingForLabels):
+        train(cfg, progress=False)
+    queue = LabelQueue(cfg.output_dir + "/human")
+    asked = queue.pending()
+    for p in asked:
+        queue.give(p.id, "first", "ann", "c" * 8)
+    real_sample = Policy.sample
+
+    def different(self, prompt_ids, sampling, seed, greedy=False):  # another machine's draws
+        return real_sample(self, prompt_ids, sampling, seed + 1, greedy)
+
+    monkeypatch.setattr(Policy, "sample", different)
+    with pytest.raises(WaitingForLabels):  # phase 0 answered from the labels; phase 1 waits
+        train(cfg, progress=False, resume=True)
+    assert queue.pending()[: len(asked)] == asked
+    assert len(queue.pending()) > len(asked)
+    pool = [json.loads(line) for line in open(f"{cfg.output_dir}/pool.jsonl")]
+    assert {r["prompt"] for r in pool} <= {p.prompt for p in asked} and len(pool) == 8

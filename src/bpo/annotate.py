@@ -10,6 +10,7 @@ sizes are bounded; the app reads and writes the run's `human/` folder and nothin
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import logging
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from flask import Flask, Response, abort, g, jsonify, render_template_string, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from bpo.checks import ConfigError
 from bpo.human import CHOICES, SKIP, LabelQueue, PendingPair, counted_labels
@@ -35,47 +36,54 @@ MAX_NAME = 64
 
 
 class Leases:
-    """Which annotator holds which pair until when, in memory (a restarted server forgets them,
-    which only frees pairs sooner)."""
+    """Which page session (client) holds which pair, for whom, until when; in memory (a restarted
+    server forgets them, which only frees pairs sooner). A client holds one pair at a time."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.held: dict[str, dict[str, float]] = {}  # pair -> who -> expiry
+        self.held: dict[str, tuple[str, str, float]] = {}  # client -> (pair, who, expiry)
         self.lock = threading.Lock()
 
-    def others(self, pair: str, who: str, now: float) -> int:
-        return sum(w != who and t > now for w, t in self.held.get(pair, {}).items())
+    def holders(self, now: float) -> dict[str, list[tuple[str, str]]]:
+        """pair -> [(client, who)] of the leases still running; expired ones are forgotten."""
+        self.held = {c: lease for c, lease in self.held.items() if lease[2] > now}
+        out: dict[str, list[tuple[str, str]]] = {}
+        for client, (pair, who, _) in self.held.items():
+            out.setdefault(pair, []).append((client, who))
+        return out
 
-    def mine(self, who: str, now: float) -> list[str]:
-        return [p for p, holders in self.held.items() if holders.get(who, 0) > now]
+    def take(self, pair: str, client: str, who: str, now: float) -> None:
+        self.held[client] = (pair, who, now + self.seconds)
 
-    def take(self, pair: str, who: str, now: float) -> None:
-        self.held.setdefault(pair, {})[who] = now + self.seconds
-
-    def drop(self, pair: str, who: str) -> None:
-        self.held.get(pair, {}).pop(who, None)
+    def drop(self, client: str) -> None:
+        self.held.pop(client, None)
 
 
-def next_pair(queue: LabelQueue, leases: Leases, who: str) -> PendingPair | None:
-    """The pair `who` should label next, leased to it: one it holds already, else the first
-    that needs labels, that it has not labelled, and that others' leases do not cover; pairs it
+def next_pair(queue: LabelQueue, leases: Leases, client: str, who: str) -> PendingPair | None:
+    """The pair the page session `client` (labelling as `who`) should label next, leased to it:
+    the one it holds, else the first that needs labels, that `who` has not labelled, that `who`
+    does not hold in another tab, and that other annotators' leases do not cover; pairs `who`
     skipped come last. Call with `leases.lock` held."""
     pairs, labels = queue.pending(), queue.labels()
     counted = counted_labels(pairs, labels)
     skipped = {label.pair for label in labels if label.who == who and label.choice == SKIP}
     now = time.monotonic()
-    open_pairs = []
+    holders = leases.holders(now)
+    candidates = []
     for order, pair in enumerate(pairs):
-        votes = counted[pair.id]
+        votes, held = counted[pair.id], holders.get(pair.id, [])
         if len(votes) >= pair.needed or any(v.who == who for v in votes):
             continue
-        if len(votes) + leases.others(pair.id, who, now) >= pair.needed:
-            continue  # enough annotators are on it already
-        open_pairs.append((pair.id not in leases.mine(who, now), pair.id in skipped, order, pair))
-    if not open_pairs:
+        mine = any(c == client for c, _ in held)
+        others = {w for c, w in held if c != client}
+        if not mine and (who in others or len(votes) + len(others) >= pair.needed):
+            continue  # this person has it open elsewhere, or enough others are on it
+        candidates.append((not mine, pair.id in skipped, order, pair))
+    leases.drop(client)
+    if not candidates:
         return None
-    pair = min(open_pairs, key=lambda c: c[:3])[3]
-    leases.take(pair.id, who, now)
+    pair = min(candidates, key=lambda c: c[:3])[3]
+    leases.take(pair.id, client, who, now)
     return pair
 
 
@@ -118,9 +126,10 @@ def create_app(run_dir: str | Path, token: str, lease_seconds: float = 600.0) ->
 
     @app.get("/api/next")
     def next_() -> Response:
-        who = _who(request.args.get("client"), request.args.get("name"))
+        client = request.args.get("client")
+        who = _who(client, request.args.get("name"))
         with leases.lock:
-            pair = next_pair(queue, leases, who)
+            pair = next_pair(queue, leases, client, who)
         shown = {"id": pair.id, "prompt": pair.prompt, "first": pair.first,
                  "second": pair.second} if pair else None  # fmt: skip
         return jsonify(pair=shown, progress=_progress(queue, who))
@@ -145,7 +154,7 @@ def create_app(run_dir: str | Path, token: str, lease_seconds: float = 600.0) ->
             if len(votes) >= pairs[pair_id].needed:
                 abort(409, "this pair has all its labels already (your hold on it had expired)")
             queue.give(pair_id, choice, name, client)
-            leases.drop(pair_id, who)
+            leases.drop(client)
         return jsonify(ok=True, progress=_progress(queue, who))
 
     @app.get("/api/progress")
@@ -178,32 +187,50 @@ def _progress(queue: LabelQueue, who: str) -> dict:
     return status
 
 
+class _Handler(WSGIRequestHandler):
+    timeout = 60  # seconds a connection may sit idle, so idle ones cannot pile up threads
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
           lease_minutes: float = 10.0) -> None:  # fmt: skip
-    """Serve the labelling page of `run_dir` until interrupted, printing its URL."""
+    """Serve the labelling page of `run_dir` until interrupted, printing its URL. One server per
+    run: a second would hand the same pairs out again."""
     run_dir = Path(run_dir)
     check_human_run(run_dir)
-    token = secrets.token_urlsafe(24)
-    app = create_app(run_dir, token, lease_minutes * 60)
-    try:  # werkzeug exits the process on a busy port; name the flag to change instead
-        with socket.create_server((host, port), family=_family(host)):
+    (run_dir / "human").mkdir(exist_ok=True)
+    with open(run_dir / "human" / ".server.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"RUN_DIR: another `bpo annotate` serves {run_dir} already; label on its page "
+                "(the URL it printed), or stop it first"
+            ) from None
+        try:  # werkzeug exits the process on a busy port; name the flag to change instead
+            with socket.create_server((host, port), family=_family(host)):
+                pass
+        except OSError as e:
+            raise ConfigError(
+                f"--port: cannot listen on {host}:{port} ({e.strerror}); choose another --port"
+            ) from None
+        token = secrets.token_urlsafe(24)
+        app = create_app(run_dir, token, lease_minutes * 60)
+        server = make_server(host, port, app, threaded=True, request_handler=_Handler)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+        shown = f"[{host}]" if ":" in host else host
+        print(f"Label the pairs of {run_dir} at http://{shown}:{server.server_port}/?token={token}")
+        print("Keys: 1 / 2 the better response, t tie, s skip. Ctrl-C stops the server; every "
+              "label given is on disk already.", flush=True)  # fmt: skip
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"Warning: listening on {host}, beyond this machine, over plain HTTP: anyone on "
+                  "the network who sees the URL can label. Use it on a trusted network only.",
+                  flush=True)  # fmt: skip
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
             pass
-    except OSError as e:
-        raise ConfigError(
-            f"--port: cannot listen on {host}:{port} ({e.strerror}); choose another --port"
-        ) from None
-    server = make_server(host, port, app, threaded=True)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    shown = f"[{host}]" if ":" in host else host
-    print(f"Label the pairs of {run_dir} at http://{shown}:{server.server_port}/?token={token}")
-    print("Keys: 1 / 2 the better response, t tie, s skip. Ctrl-C stops the server; every label "
-          "given is on disk already.", flush=True)  # fmt: skip
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        finally:
+            server.server_close()
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -159,7 +159,8 @@ class AnnotatorConfig:
     """Text after the two responses that a preference_model's answer follows."""
     labels_per_pair: int = 1
     """human: different annotators who label each pair; with 2 or more their agreement is
-    reported and the majority decides (an even split is a tie)."""
+    reported and the response more of them chose wins (an even split is a tie, which
+    annotator.ties drops or breaks at random: an odd number avoids splits)."""
     wait: bool = True
     """human: wait for each phase's labels; false: stop with exit code 3 once the phase's pairs
     are written, and continue with the same command and --resume when they are labelled."""

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -175,8 +175,9 @@ def counted_labels(pairs: Sequence[PendingPair], labels: Sequence[Label]) -> dic
 
 
 def answer(pair: PendingPair, votes: Sequence[Label]) -> float:
-    """The run's preference of its a over b: the majority of the votes (+1, −1; a split or a
-    tie is 0), turned back from the shown order."""
+    """The run's preference of its a over b, turned back from the shown order: the response more
+    votes chose (a tie vote counts for neither), or 0 when they are even (annotator.ties then
+    drops the pair or breaks the tie at random)."""
     total = sum(VOTE[v.choice] for v in votes)
     sign = float((total > 0) - (total < 0))
     return -sign if pair.swapped else sign
@@ -260,6 +261,37 @@ class HumanAnnotator(Annotator):
         return {f"human_{k}": v for k, v in status.items() if k not in ("waiting", "complete")}
 
 
+class SampleStore:
+    """The responses a human run sampled for each round of a phase, kept in `folder` before people
+    are asked about them: a resumed run takes them back instead of sampling again, so it asks
+    the same questions even where sampling does not repeat exactly (vLLM, GPU kernels), and the
+    labels already given still answer them."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def recall(
+        self, seed: int, prompt_ids: Sequence[Sequence[int]], sample: Callable[[], list[list[int]]]
+    ) -> list[list[int]]:
+        """The responses sampled from `seed` for `prompt_ids`: stored ones, else `sample()`'s,
+        stored (atomically) before they are returned."""
+        path = self.folder / f"samples-{seed}.json"
+        prompts = [list(p) for p in prompt_ids]
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored["prompt_ids"] == prompts:
+                return stored["samples"]
+        samples = sample()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"prompt_ids": prompts, "samples": samples}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return samples
+
+
 def export_pending(queue: LabelQueue, path: str | Path) -> int:
     """Write the pairs that still need labels to a .csv or .jsonl file (columns pair_id, prompt,
     response_1, response_2, labels_needed) for an external labelling tool; return how many."""
@@ -287,43 +319,68 @@ PENDING_COLUMNS = ("pair_id", "prompt", "response_1", "response_2", "labels_need
 
 def import_labels(queue: LabelQueue, path: str | Path, annotator: str | None = None) -> dict:
     """Add the labels of a .csv or .jsonl file with columns pair_id and choice (1, 2, tie; or
-    first, second) and optionally annotator; `annotator` names the rows without one. A bad row
-    stops the import before anything is written, naming the file, the row and the value."""
+    first, second) and optionally annotator; `annotator` names the rows without one. Labels for
+    pairs that have all theirs already are counted and left out. A bad row stops the import
+    before anything is written, naming the file, the row and the value."""
     path = Path(path)
     _check_suffix(path, "--import")
     if not path.is_file():
         raise FileNotFoundError(f"--import: no file at {path}")
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
     pairs = {p.id: p for p in queue.pending()}
-    labels = queue.labels()
-    seen = {(label.pair, label.who) for label in labels if label.choice != SKIP}
+    counted = {k: len(v) for k, v in counted_labels(list(pairs.values()), queue.labels()).items()}
+    seen = {(label.pair, label.who) for label in queue.labels() if label.choice != SKIP}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    new, repeated = [], 0
-    for number, row in enumerate(rows, start=2 if path.suffix == ".csv" else 1):
-        where = f"{path}, {'row' if path.suffix == '.csv' else 'line'} {number}"
-        pair_id, choice = str(row.get("pair_id") or ""), str(row.get("choice") or "").lower()
+    new, repeated, complete = [], 0, 0
+    for where, row in _rows(path):
+        pair_id, choice = str(row.get("pair_id") or ""), str(row.get("choice") or "")
         if pair_id not in pairs:
             raise ConfigError(
                 f"{where}: pair_id {pair_id!r} is not a pair of this run; export the pending "
                 "pairs with --export and keep their pair_id column"
             )
-        if choice.strip() not in IMPORT_CHOICES:
+        if choice.strip().lower() not in IMPORT_CHOICES:
             raise ConfigError(
-                f"{where}: choice {row.get('choice')!r} is not one of 1, 2, tie (or first, second)"
+                f"{where}: choice {choice!r} is not one of 1, 2, tie (or first, second)"
             )
-        label = Label(pair_id, IMPORT_CHOICES[choice.strip()], row.get("annotator") or annotator,
+        name = str(row.get("annotator") or annotator or "") or None
+        if name is None and pairs[pair_id].needed > 1:
+            raise ConfigError(
+                f"{where}: the pair needs {pairs[pair_id].needed} labels from different people, "
+                "and this row does not say whose it is; add an annotator column or --annotator NAME"
+            )
+        label = Label(pair_id, IMPORT_CHOICES[choice.strip().lower()], name,
                       f"import:{path.name}", now)  # fmt: skip
         if (pair_id, label.who) in seen:
             repeated += 1
-            continue
-        seen.add((pair_id, label.who))
-        new.append(label)
+        elif counted[pair_id] >= pairs[pair_id].needed:
+            complete += 1
+        else:
+            seen.add((pair_id, label.who))
+            counted[pair_id] += 1
+            new.append(label)
     queue.give_many(new)
-    return {"imported": len(new), "already_given": repeated, **queue.status()}
+    return {"imported": len(new), "already_given": repeated, "pair_complete": complete,
+            **queue.status()}  # fmt: skip
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a .csv (a spreadsheet's byte-order mark allowed) or .jsonl file."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if path.suffix == ".csv":
+            for number, row in enumerate(csv.DictReader(f), start=2):
+                yield f"{path}, row {number}", row
+            return
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not a JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: not a JSON object with pair_id and choice")
+            yield where, row
 
 
 def _check_suffix(path: Path, flag: str) -> None:

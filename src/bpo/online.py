@@ -21,7 +21,7 @@ from bpo.checkpoint import AnnotationLog
 from bpo.config import ConfigError, TrainConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import LogpFn, evaluate, evaluation_judge, gold_judge
-from bpo.human import HumanAnnotator
+from bpo.human import HumanAnnotator, SampleStore
 from bpo.losses import DAPLoss, get_loss
 from bpo.pairs import CollectionStats, PolicyCollapsed, PromptSampler, collect_pairs, timed
 from bpo.policy import Policy
@@ -45,6 +45,15 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
         policy.use_vllm(cfg.model, cfg.sampling, cfg.seed)
     reference = make_reference(cfg, policy)
     judge = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed, run_dir=run.path)
+    samples = None  # people's questions are kept, to be asked again the same after a resume
+    if isinstance(judge, HumanAnnotator):
+        if accelerator.num_processes > 1:
+            raise ConfigError(
+                f"annotator.type: human, with {accelerator.num_processes} processes, whose "
+                "others would wait for the labels past their collective timeout; launch one "
+                "process"
+            )
+        samples = SampleStore(run.path / "human")
     scorer = evaluation_judge(cfg, task.reward, policy.device, judge)
     annotator = AnnotationLog(
         judge, run.annotations if run.writer else None, resume, cfg.annotator.retries,
@@ -103,7 +112,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
                         policy, sampler, annotator, cfg.M, cfg.sampling, cfg.annotator.ties,
                         tie_rng, phase, cfg.logprob_batch_size, cfg.pairs.samples_per_prompt,
                         cfg.pairs.temperatures, seed=cfg.seed,
-                        behavior_logps=stores_behavior_logps(cfg, policy),
+                        behavior_logps=stores_behavior_logps(cfg, policy), store=samples,
                     )  # fmt: skip
                 except PolicyCollapsed as e:  # nothing left to learn from: stop, keep the run
                     warnings.warn(f"{e}; stopping after {t} of {cfg.T} steps", stacklevel=1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.config import ConfigError, SamplingConfig
 from bpo.distributed import draw_seed, on_main
+from bpo.human import SampleStore
 from bpo.policy import Policy
 from bpo.pool import PreferencePair
 
@@ -113,6 +114,7 @@ def collect_pairs(
     max_rounds: int = 20,
     seed: int = 0,
     behavior_logps: bool = True,
+    store: SampleStore | None = None,
 ) -> tuple[list[PreferencePair], CollectionStats]:
     """Annotate exactly `n_pairs` pairs sampled from the current policy, π_β ← π_θ.
 
@@ -121,7 +123,9 @@ def collect_pairs(
     evenly over `temperatures` when given. Each round samples from its own seed, drawn from
     (`seed`, `phase`, round); with several processes the sampling is split between them and the
     annotator answers on the main one. With `behavior_logps` False (no loss reads them) the
-    teacher-forced pass that computes them is skipped and the pairs store None.
+    teacher-forced pass that computes them is skipped and the pairs store None. With a `store`
+    (people annotate) each round's samples are kept, and taken back when the round is sampled
+    again after a resume.
     """
     pairs: list[PreferencePair] = []
     stats = CollectionStats()
@@ -136,8 +140,9 @@ def collect_pairs(
         stats.prompts += need
         if samples_per_prompt == 2 and not temperatures:
             kept = _two_samples(
-                policy, prompts, prompt_ids, annotator, sampling, ties, rng, stats, round_seed
-            )
+                policy, prompts, prompt_ids, annotator, sampling, ties, rng, stats, round_seed,
+                store,
+            )  # fmt: skip
         else:
             kept = _best_vs_worst(
                 policy, prompts, prompt_ids, annotator, sampling, samples_per_prompt,
@@ -191,10 +196,15 @@ def _two_samples(
     rng: random.Random,
     stats: CollectionStats,
     seed: int,
+    store: SampleStore | None = None,
 ) -> list[Candidate]:
     """y1, y2 ~ π_β(·|x), identical pairs dropped, the rest compared by the annotator."""
+    twice = [p for p in prompt_ids for _ in range(2)]
     with stats.timed("sampling"):
-        samples = policy.sample([p for p in prompt_ids for _ in range(2)], sampling, seed)
+        if store is None:
+            samples = policy.sample(twice, sampling, seed)
+        else:
+            samples = store.recall(seed, twice, lambda: policy.sample(twice, sampling, seed))
     first, second = samples[0::2], samples[1::2]
     distinct = [j for j in range(len(prompts)) if first[j] != second[j]]
     stats.dropped_identical += len(prompts) - len(distinct)
