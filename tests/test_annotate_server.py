@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bpo.annotate import Leases, create_app, next_pair, serve
+from bpo.annotate import Leases, create_app, next_pair, read_guidelines, serve
 from bpo.checks import ConfigError
 from bpo.cli import main
 from bpo.human import LabelQueue
@@ -77,6 +77,19 @@ def test_the_page_loads_with_the_token_and_shows_run_text_only_as_text(run_dir):
     assert "innerHTML" not in html and "textContent" in html  # run text never parsed as HTML
     first = get_next(http, "aaaaaaaa")["pair"]
     assert XSS in (first["first"], first["second"])  # sent as JSON data, unchanged
+
+
+def test_guidelines_are_shown_as_text(run_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("g") / "guide.txt"
+    path.write_text("Prefer <b>short</b> answers.\nIgnore typos.", encoding="utf-8")
+    http = create_app(run_dir, TOKEN, guidelines=read_guidelines(path)).test_client()
+    html = http.get(f"/?token={TOKEN}").get_data(as_text=True)
+    assert "Prefer &lt;b&gt;short&lt;/b&gt; answers.\nIgnore typos." in html
+    assert "<b>short" not in html
+    assert 'id="guidelines"' not in client_for(run_dir).get(f"/?token={TOKEN}").get_data(True)
+    path.write_text("x" * 20_001, encoding="utf-8")
+    with pytest.raises(ConfigError, match="--guidelines: .* more than 20000"):
+        read_guidelines(path)
 
 
 def test_two_annotators_never_receive_the_same_pair(run_dir):

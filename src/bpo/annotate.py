@@ -87,8 +87,11 @@ def next_pair(queue: LabelQueue, leases: Leases, client: str, who: str) -> Pendi
     return pair
 
 
-def create_app(run_dir: str | Path, token: str, lease_seconds: float = 600.0) -> Flask:
-    """The labelling app of the run in `run_dir`; every request must carry `token`."""
+def create_app(
+    run_dir: str | Path, token: str, lease_seconds: float = 600.0, guidelines: str = ""
+) -> Flask:
+    """The labelling app of the run in `run_dir`, showing `guidelines` (plain text) above each
+    pair; every request must carry `token`."""
     queue = LabelQueue(Path(run_dir) / "human")
     leases = Leases(lease_seconds)
     page = resources.files("bpo").joinpath("templates/annotate.html").read_text(encoding="utf-8")
@@ -122,7 +125,9 @@ def create_app(run_dir: str | Path, token: str, lease_seconds: float = 600.0) ->
 
     @app.get("/")
     def index() -> str:
-        return render_template_string(page, nonce=g.nonce, run=Path(run_dir).name)
+        return render_template_string(
+            page, nonce=g.nonce, run=Path(run_dir).name, guidelines=guidelines
+        )
 
     @app.get("/api/next")
     def next_() -> Response:
@@ -192,11 +197,13 @@ class _Handler(WSGIRequestHandler):
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
-          lease_minutes: float = 10.0) -> None:  # fmt: skip
-    """Serve the labelling page of `run_dir` until interrupted, printing its URL. One server per
-    run: a second would hand the same pairs out again."""
+          lease_minutes: float = 10.0, guidelines: str | Path | None = None) -> None:  # fmt: skip
+    """Serve the labelling page of `run_dir` until interrupted, printing its URL; `guidelines`,
+    a text file, is shown to the annotators. One server per run: a second would hand the same
+    pairs out again."""
     run_dir = Path(run_dir)
     check_human_run(run_dir)
+    text = read_guidelines(guidelines) if guidelines else ""
     (run_dir / "human").mkdir(exist_ok=True)
     with open(run_dir / "human" / ".server.lock", "a") as lock:
         try:
@@ -214,7 +221,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
                 f"--port: cannot listen on {host}:{port} ({e.strerror}); choose another --port"
             ) from None
         token = secrets.token_urlsafe(24)
-        app = create_app(run_dir, token, lease_minutes * 60)
+        app = create_app(run_dir, token, lease_minutes * 60, text)
         server = make_server(host, port, app, threaded=True, request_handler=_Handler)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         shown = f"[{host}]" if ":" in host else host
@@ -231,6 +238,23 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8765,
             pass
         finally:
             server.server_close()
+
+
+MAX_GUIDELINES = 20_000
+
+
+def read_guidelines(path: str | Path) -> str:
+    """The annotators' guidelines: a UTF-8 text file of at most MAX_GUIDELINES characters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--guidelines: no file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if len(text) > MAX_GUIDELINES:
+        raise ConfigError(
+            f"--guidelines: {path} has {len(text)} characters, more than {MAX_GUIDELINES}; "
+            "shorten it (the page shows it above every pair)"
+        )
+    return text
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -9,8 +9,8 @@
     bpo study CONFIG.yaml [key=value ...]
     bpo study-report ROOT
     bpo bandit --reward r1|r2 --method M [--data on_policy|offline] [--bpo] [key=value ...]
-    bpo annotate RUN_DIR [--host H] [--port P] | --import FILE [--annotator NAME]
-                 | --export FILE | --status
+    bpo annotate RUN_DIR [--host H] [--port P] [--guidelines FILE]
+                 | --import FILE [--annotator NAME] | --export FILE | --status
     bpo eval RUN_DIR
     bpo export RUN_DIR --out DIR
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         ".csv/.jsonl for another labelling tool")  # fmt: skip
     action.add_argument("--status", action="store_true", help="print progress and agreement")
     an.add_argument("--annotator", help="with --import: the name of rows without one")
+    an.add_argument("--guidelines", metavar="FILE", help="a text file shown above every pair")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
     ex = sub.add_parser("export", help="a LoRA run as merged/, adapter/ (peft) and members/")
@@ -193,8 +194,10 @@ def _annotate(args: argparse.Namespace) -> None:
 
     if args.annotator and not args.import_file:
         raise ConfigError("--annotator: names the rows of an --import; give --import FILE")
+    if args.guidelines and (args.import_file or args.export or args.status):
+        raise ConfigError("--guidelines: shown on the page; drop --import, --export or --status")
     if not (args.import_file or args.export or args.status):
-        serve(args.run_dir, args.host, args.port, args.lease_minutes)
+        serve(args.run_dir, args.host, args.port, args.lease_minutes, args.guidelines)
         return
     check_human_run(Path(args.run_dir))
     queue = LabelQueue(Path(args.run_dir) / "human")
