@@ -182,6 +182,7 @@ def test_imports_need_names_where_pairs_need_several_people(tmp_path):
     assert (out["imported"], out["already_given"], out["waiting"]) == (1, 1, 0)
     late = import_labels(queue, second, annotator="cat")
     assert (late["imported"], late["pair_complete"]) == (0, 2)
+    assert queue.status()["by_annotator"] == {"ann": 1, "bob": 1}
 
 
 @pytest.mark.parametrize(

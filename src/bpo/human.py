@@ -17,6 +17,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -156,8 +157,10 @@ class LabelQueue:
             "waiting": len(pairs) - complete,
             "labels": sum(label.choice != SKIP for label in labels),
             "annotators": len({label.who for label in labels if label.choice != SKIP}),
+            "by_annotator": dict(Counter(label.annotator or f"unnamed {label.client[:8]}"
+                                         for label in labels if label.choice != SKIP)),
             **agreement(pairs, counted),
-        }
+        }  # fmt: skip
 
 
 def counted_labels(pairs: Sequence[PendingPair], labels: Sequence[Label]) -> dict[str, list[Label]]:
