@@ -210,6 +210,18 @@ def test_tokenizer_without_pad_scores_batches_as_single_rows(tmp_path):
     assert batched == pytest.approx(single, abs=1e-5)
 
 
+def test_judges_keep_their_own_precision_inside_a_bf16_run(tmp_path, preference_lm):
+    """A run's bf16 autocast must not round the judge's scores (close pairs would tie)."""
+    rm = RewardModelAnnotator(tiny_bert(tmp_path / "bert"), "pair")
+    pm = PreferenceModelAnnotator(preference_lm, batch_size=16)
+    plain = rm.score(PROMPTS, RESPONSES), pm.compare(PROMPTS, RESPONSES, RESPONSES[::-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rm.score(PROMPTS, RESPONSES) == plain[0]
+        assert pm.compare(PROMPTS, RESPONSES, RESPONSES[::-1]) == plain[1]
+        rounded = rm.model(**rm.tokenizer(PROMPTS, RESPONSES, padding=True, return_tensors="pt"))
+    assert rounded.logits.dtype == torch.bfloat16  # what the judge would give without the fix
+
+
 def test_reward_model_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"^annotator\.path: .* num_labels=2"):
         RewardModelAnnotator(tiny_bert(tmp_path / "two", num_labels=2))

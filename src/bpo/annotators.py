@@ -160,7 +160,8 @@ class RewardModelAnnotator(RewardAnnotator):
             if cut:
                 self.truncated = _count_truncated(self, cut, len(features["input_ids"]))
             batch = self.tokenizer.pad(features, padding_side="right", return_tensors="pt")
-            logits = self.model(**batch.to(self.device)).logits  # (n, 1)
+            with own_precision(self.device):
+                logits = self.model(**batch.to(self.device)).logits  # (n, 1)
             scores += logits.squeeze(-1).float().tolist()
         bad = [s for s in scores if not math.isfinite(s)]
         if bad:
@@ -323,7 +324,8 @@ def preference_for_first(
     """P(A)/(P(A)+P(B)) − 1/2 over the next token of each row, A and B the two label tokens."""
     out: list[float] = []
     for start in range(0, len(rows), batch_size):
-        logits = next_token_logits(model, rows[start : start + batch_size], pad_id, device)
+        with own_precision(device):
+            logits = next_token_logits(model, rows[start : start + batch_size], pad_id, device)
         pair = logits[:, list(label_ids)].float()  # (n, 2): logits of A and B
         out += (torch.sigmoid(pair[:, 0] - pair[:, 1]) - 0.5).tolist()  # P(A)/(P(A)+P(B))
     return out
@@ -424,6 +426,13 @@ def evaluation_scorer(annotator: Annotator) -> Annotator:
     scorer = copy.copy(base)
     scorer.calls = 0
     return scorer
+
+
+def own_precision(device: torch.device | str) -> torch.autocast:
+    """Run a judge in its own `annotator.dtype`, outside the run's autocast: under
+    `precision: bf16` its scores would be rounded to bf16 steps (0.016 at a reward of 4), which
+    ties or swaps close pairs."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def _load(auto_class: type, path: str, dtype: torch.dtype, device: torch.device | str, field: str):
