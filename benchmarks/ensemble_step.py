@@ -36,9 +36,10 @@ from bpo.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from bpo.demo import DEMO_MODEL
 from bpo.losses import dpo_loss
 from bpo.online import dap_update, train
-from bpo.policy import Policy, disable_dropout, sequence_logps
+from bpo.policy import Policy, disable_dropout
 from bpo.pool import PairBatch, PreferencePair
 from bpo.reference import BehaviorReference
+from bpo.sequences import sequence_logps
 from bpo.tasks.digest import build_tokenizer, make_task
 from bpo.tiny import build_tiny_llama
 

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from bpo.config import LoraConfig, ModelConfig, SamplingConfig
-from bpo.policy import Policy, generation_config, left_pad
+from bpo.policy import Policy, generation_config
+from bpo.sequences import left_pad
 
 CPU = torch.device("cpu")
 

@@ -82,7 +82,8 @@ def test_ensemble_adapters_stay_float32_on_a_bf16_model(tiny_model):
     """Adam's small updates would vanish in bf16 adapters; the forward casts them instead, so a
     bf16 base samples and trains without autocast."""
     from bpo.config import LoraConfig, ModelConfig, SamplingConfig
-    from bpo.policy import Policy, pack
+    from bpo.policy import Policy
+    from bpo.sequences import pack
 
     cpu = torch.device("cpu")
     policy = Policy.load(

@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from bpo.checks import ConfigError
 from bpo.config import LoraConfig, ModelConfig, SamplingConfig
 from bpo.ensemble import EnsembleLoraLinear
-from bpo.policy import Policy, cut_at_eos
+from bpo.policy import Policy
+from bpo.sequences import cut_at_eos
 from bpo.tasks.digest import build_tokenizer
 from bpo.tiny import build_tiny_llama
 from bpo.vllm_backend import VLLMGenerator, merged_weights, require_vllm

@@ -28,7 +28,8 @@ from transformers import (
 
 from bpo.checks import check_model_folder
 from bpo.config import AnnotatorConfig, ConfigError
-from bpo.policy import DTYPES, avoid_cudnn_attention, left_pad
+from bpo.policy import DTYPES, avoid_cudnn_attention
+from bpo.sequences import left_pad
 
 
 class Annotator(ABC):

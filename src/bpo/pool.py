@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bpo.policy import pack
+from bpo.sequences import pack
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ import torch
 
 from bpo.config import ModelConfig, TrainConfig
 from bpo.evaluate import LogpFn
-from bpo.policy import Policy, load_causal_lm, sequence_logps, swapped_parameters
+from bpo.policy import Policy, load_causal_lm, swapped_parameters
 from bpo.pool import PairBatch
+from bpo.sequences import sequence_logps
 
 
 class Reference(Protocol):

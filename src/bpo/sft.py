@@ -20,7 +20,8 @@ from bpo.checkpoint import restore_training, save_training
 from bpo.config import SFTConfig
 from bpo.distributed import local_slice
 from bpo.evaluate import evaluate, evaluation_judge
-from bpo.policy import Policy, pack
+from bpo.policy import Policy
+from bpo.sequences import pack
 from bpo.start import start_run
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from bpo.checks import ConfigError
 from bpo.config import SamplingConfig
 from bpo.ensemble import LoraEnsemble
-from bpo.policy import cut_at_eos
+from bpo.sequences import cut_at_eos
 
 Weights = Iterable[tuple[str, torch.Tensor]]
 # an adapted layer: its plain base layer and a function computing its LoRA delta ΔW (out, in)
