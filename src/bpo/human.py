@@ -208,7 +208,8 @@ def agreement(pairs: Sequence[PendingPair], counted: dict[str, list[Label]]) -> 
 
 
 class HumanAnnotator(Annotator):
-    """People label each pair (Algorithm 1, line 8) through the run directory's `human/` queue.
+    """People annotate each pair (Algorithm 1: (y_w, y_l) ← annotate(x, y1, y2)) through the
+    run directory's `human/` queue.
 
     `compare` writes the call's pairs and waits for their labels, polling every `poll_seconds`;
     with `wait` False it raises WaitingForLabels instead, and the resumed run asks again. Each
