@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,3 +137,36 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(train_config,
     )
     assert done.returncode != 0
     assert "B: 3 pairs per step do not split over 2 processes; make B a multiple" in done.stderr
+
+
+def test_two_processes_resume_where_they_left_off(train_config, tmp_path):
+    """A 2-process run cut back to its step-2 checkpoint (summary, later checkpoints and the
+    final policy gone, as after a kill) and resumed on 2 processes ends where it ended: the
+    main process replays the logged annotations and every rank restores the checkpoint."""
+    cfg = train_config("run", "finetune=full", "method=online_dpo", "F=4", "T=8",
+                       "micro_batch_size=1", "checkpoint_every=2",
+                       "keep_checkpoints=4")  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(cfg), encoding="utf-8")
+    _bpo("train", 2, [str(config)])
+    run = RunDir(cfg.output_dir)
+    whole = {
+        "metrics": [_no_time(r) for r in run.read_metrics()],
+        "pool": run.pool.read_text(),
+        "annotations": run.annotations.read_text(),
+        "weights": _weights(run.path),
+    }
+    for step in ("step-000004", "step-000006"):
+        shutil.rmtree(run.checkpoints / step)
+    shutil.rmtree(run.policy)
+    run.summary.unlink()
+    _bpo("train", 2, [str(config), "--resume"])
+    assert [_no_time(r) for r in run.read_metrics()] == whole["metrics"]
+    assert run.pool.read_text() == whole["pool"]  # no pair lost or twice
+    assert run.annotations.read_text() == whole["annotations"]  # replayed, none asked again
+    for name, w in _weights(run.path).items():
+        torch.testing.assert_close(w, whole["weights"][name], atol=0, rtol=0, msg=name)
+
+
+def _no_time(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("time/")}

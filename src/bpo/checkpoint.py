@@ -69,6 +69,8 @@ def load_checkpoint(folder: Path, device: torch.device) -> tuple[dict, dict, dic
     if not found:
         return None
     latest = found[-1]
+    if device.type == "cpu":  # a process of a multi-CPU run is on "cpu:0", which loaders refuse
+        device = torch.device("cpu")
     tensors = load_file(latest / "tensors.safetensors", device=str(device))
     objects = torch.load(latest / "objects.pt", map_location=device, weights_only=False)
     return tensors, objects, json.loads((latest / "host.json").read_text(encoding="utf-8"))
