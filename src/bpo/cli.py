@@ -88,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     sr = sub.add_parser("study-report", help="table and plots of the study runs under ROOT")
     sr.add_argument("root")
     an = sub.add_parser("annotate", help="label a run's pending pairs on a local web page")
-    an.add_argument("run_dir")
+    an.add_argument("run_dir", help="the output_dir of a run with annotator.type=human")
     an.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                     "127.0.0.1: this machine only)")  # fmt: skip
     an.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
     an.add_argument(
         "--lease-minutes",
+        metavar="MINUTES",
         type=float,
         default=10.0,
         help="how long a pair shown to one annotator is kept from the others",
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--export", metavar="FILE", help="write the unlabelled pairs to a "
                         ".csv/.jsonl for another labelling tool")  # fmt: skip
     action.add_argument("--status", action="store_true", help="print progress and agreement")
-    an.add_argument("--annotator", help="with --import: the name of rows without one")
+    an.add_argument(
+        "--annotator", metavar="NAME", help="with --import: the name of rows without one"
+    )
     an.add_argument("--guidelines", metavar="FILE", help="a text file shown above every pair")
     ev = sub.add_parser("eval", help="evaluate a finished run's policy")
     ev.add_argument("run_dir")
