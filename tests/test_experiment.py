@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -157,6 +158,41 @@ def test_each_task_sft_model_is_trained_once_and_reported(tmp_path, tiny_model):
     assert sft_summary.stat().st_mtime_ns == stamp  # not trained again
     sft_win_rate = 100 * json.loads(sft_summary.read_text())["win_rate"]
     assert f"| sft | {sft_win_rate:.1f} |" in (tmp_path / "xp" / "RESULTS.md").read_text()
+
+
+def test_an_interrupted_sft_resumes_from_its_checkpoint(tmp_path, tiny_model):
+    def sft_experiment(**changes) -> ExperimentConfig:
+        sft = {"epochs": 1, "batch_size": 16, "checkpoint_every": 1, "task": TINY["task"],
+               "sampling": {"max_new_tokens": 4}, **changes}  # fmt: skip
+        base_model = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+        return experiment(tmp_path, tiny_model, grid={"task.name": ["quiz"]}, sft=sft,
+                          base_model=base_model)  # fmt: skip
+
+    cfg = sft_experiment()
+    run_experiment(cfg, progress=False)
+    sft_run = tmp_path / "xp" / "sft" / "quiz"
+    trained = (sft_run / "model" / "model.safetensors").read_bytes()
+    metrics = (sft_run / "metrics.jsonl").read_text()
+    kept, last = sorted((sft_run / "checkpoints").iterdir())  # steps 2 and 3 of 4
+    stamp = kept.stat().st_mtime_ns
+    shutil.rmtree(last)  # as if killed during step 4, before the final model and summary
+    shutil.rmtree(sft_run / "model")
+    (sft_run / "summary.json").unlink()
+    shutil.rmtree(cells(cfg)[0].path)
+    run_experiment(cfg, progress=False)
+    assert kept.stat().st_mtime_ns == stamp  # resumed from it, not started again
+    assert (sft_run / "model" / "model.safetensors").read_bytes() == trained
+    assert _no_time((sft_run / "metrics.jsonl").read_text()) == _no_time(metrics)
+    (sft_run / "summary.json").unlink()  # unfinished again, and now the SFT config changes:
+    shutil.rmtree(cells(cfg)[0].path)
+    run_experiment(sft_experiment(lr=1e-4), progress=False)
+    assert kept.stat().st_mtime_ns != stamp  # started again, not resumed on another config
+    assert (sft_run / "model" / "model.safetensors").read_bytes() != trained
+
+
+def _no_time(metrics: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if "time" not in k and "seconds" not in k}
+            for line in metrics.splitlines()]  # fmt: skip
 
 
 def test_report_names_each_budget_when_the_runs_differ(tmp_path, tiny_model):

@@ -27,7 +27,14 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from bpo.config import ConfigError, ExperimentConfig, SFTConfig, TrainConfig, load_config
+from bpo.config import (
+    ConfigError,
+    ExperimentConfig,
+    SFTConfig,
+    TrainConfig,
+    load_config,
+    to_yaml,
+)
 
 RESULT_FIELDS = (  # summary.json figures copied into results.csv, after the grid's fields
     "win_rate", "reward", "reference_reward", "kl_sft", "length", "pairs_annotated",
@@ -115,20 +122,24 @@ def _run_sft(args: tuple[ExperimentConfig, str, int]) -> str:
     from bpo.tiny import build_tiny_llama
 
     out = sft_path(cfg, task)
-    shutil.rmtree(out, ignore_errors=True)  # an unfinished SFT run starts again
-    base = build_tiny_llama(
-        task_tokenizer(task),
-        out.parent / f"{task}-base",
-        hidden_size=cfg.base_model.hidden_size,
-        num_layers=cfg.base_model.num_layers,
-        num_heads=cfg.base_model.num_heads,
-    )
+    base = out.parent / f"{task}-base"
+    if not (base / "model.safetensors").is_file():  # built once, so an SFT can resume on it
+        build_tiny_llama(
+            task_tokenizer(task),
+            base,
+            hidden_size=cfg.base_model.hidden_size,
+            num_layers=cfg.base_model.num_layers,
+            num_heads=cfg.base_model.num_heads,
+        )
     sft_cfg = load_config(
         SFTConfig,
         values=cfg.sft,
         overrides=[f"output_dir={out}", f"model.path={base}", f"task.name={task}"],
     )
-    sft(sft_cfg, progress=False)
+    config = out / "config.yaml"
+    if config.is_file() and config.read_text(encoding="utf-8") != to_yaml(sft_cfg):
+        shutil.rmtree(out)  # an unfinished SFT of another config starts again
+    sft(sft_cfg, progress=False, resume=True)  # an interrupted SFT goes on from its checkpoint
     return task
 
 
