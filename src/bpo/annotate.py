@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from bpo.checks import ConfigError
-from bpo.human import CHOICES, SKIP, LabelQueue, PendingPair, counted_labels
+from bpo.human import CHOICES, SKIP, LabelQueue, PendingPair, counted_labels, identity
 
 MAX_REQUEST_BYTES = 4096
 """Largest request body accepted (a label is ~200 bytes)."""
@@ -137,7 +137,7 @@ def create_app(
             pair = next_pair(queue, leases, client, who)
         shown = {"id": pair.id, "prompt": pair.prompt, "first": pair.first,
                  "second": pair.second} if pair else None  # fmt: skip
-        return jsonify(pair=shown, progress=_progress(queue, who))
+        return jsonify(pair=shown, progress=queue.status(who))
 
     @app.post("/api/label")
     def label() -> Response:
@@ -160,11 +160,11 @@ def create_app(
                 abort(409, "this pair has all its labels already (your hold on it had expired)")
             queue.give(pair_id, choice, name, client)
             leases.drop(client)
-        return jsonify(ok=True, progress=_progress(queue, who))
+        return jsonify(ok=True, progress=queue.status(who))
 
     @app.get("/api/progress")
     def progress() -> Response:
-        return jsonify(_progress(queue, _who(request.args.get("client"), request.args.get("name"))))
+        return jsonify(queue.status(_who(request.args.get("client"), request.args.get("name"))))
 
     return app
 
@@ -182,14 +182,7 @@ def _who(client: object, name: object) -> str:
     """The identity a request labels as (see bpo.human.Label.who)."""
     if not isinstance(client, str) or not CLIENT.fullmatch(client):
         abort(400, "client must be 8-64 letters, digits or dashes (the page makes one)")
-    name = _name(name)
-    return f"name:{name}" if name else f"client:{client}"
-
-
-def _progress(queue: LabelQueue, who: str) -> dict:
-    status = queue.status()
-    status["mine"] = sum(label.who == who and label.choice != SKIP for label in queue.labels())
-    return status
+    return identity(_name(name), client)
 
 
 class _Handler(WSGIRequestHandler):

@@ -71,8 +71,12 @@ class Label:
 
     @property
     def who(self) -> str:
-        """The identity that may label a pair once: the name, else the client."""
-        return f"name:{self.annotator}" if self.annotator else f"client:{self.client}"
+        return identity(self.annotator, self.client)
+
+
+def identity(annotator: str | None, client: str) -> str:
+    """Who may label a pair once: the annotator's name, else the client (page session)."""
+    return f"name:{annotator}" if annotator else f"client:{client}"
 
 
 class LabelQueue:
@@ -146,9 +150,11 @@ class LabelQueue:
         """Store labels in one durable write (an import)."""
         self._append(self.labels_path, [asdict(label) for label in labels])
 
-    def status(self) -> dict:
-        """Progress over every pair asked so far, and the annotators' agreement."""
+    def status(self, who: str | None = None) -> dict:
+        """Progress over every pair asked so far, and the annotators' agreement; with `who`,
+        also how many labels that identity gave (`mine`)."""
         pairs, labels = self.pending(), self.labels()
+        mine = {"mine": sum(x.who == who and x.choice != SKIP for x in labels)} if who else {}
         counted = counted_labels(pairs, labels)
         complete = sum(len(counted[p.id]) >= p.needed for p in pairs)
         return {
@@ -160,6 +166,7 @@ class LabelQueue:
             "by_annotator": dict(Counter(label.annotator or f"unnamed {label.client[:8]}"
                                          for label in labels if label.choice != SKIP)),
             **agreement(pairs, counted),
+            **mine,
         }  # fmt: skip
 
 
