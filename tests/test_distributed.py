@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
+from bpo.cli import main
 from bpo.config import to_yaml
 from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
 from bpo.pool import PreferencePool
@@ -46,15 +48,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(processes: int) -> list[str]:
+    """torchrun (gloo) of `bpo`, each process checking at its end that no gloo thread is left."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+        f"--master-port={_free_port()}", str(Path(__file__).with_name("launch_bpo.py")),
+    ]  # fmt: skip
+
+
 def _bpo(command: str, processes: int, overrides: list[str]) -> None:
-    """`bpo COMMAND` in fresh processes: plain Python for 1, torchrun (gloo) for more."""
-    if processes == 1:
-        launcher = [sys.executable, "-m", "bpo.cli"]
-    else:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-            f"--master-port={_free_port()}", "-m", "bpo.cli",
-        ]  # fmt: skip
+    """`bpo COMMAND` in fresh processes: plain Python for 1, torchrun for more."""
+    launcher = [sys.executable, "-m", "bpo.cli"] if processes == 1 else _torchrun(processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
         [*launcher, command, *overrides], env=env, capture_output=True, text=True, timeout=600
@@ -129,13 +133,11 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(train_config,
     cfg = train_config("odd", "method=on_policy_bpo", "T=1", "B=3")
     config = tmp_path / "odd.yaml"
     config.write_text(to_yaml(cfg))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                f"--master-port={_free_port()}", "-m", "bpo.cli"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [*launcher, "train", str(config)], env=env, capture_output=True, text=True, timeout=600
+        [*_torchrun(2), "train", str(config)], env=env, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode != 0
+    assert done.returncode != 0 and "gloo threads still running" not in done.stderr
     assert "B: 3 pairs per step do not split over 2 processes; make B a multiple" in done.stderr
 
 
@@ -170,3 +172,16 @@ def test_two_processes_resume_where_they_left_off(train_config, tmp_path):
 
 def _no_time(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("time/")}
+
+
+def test_the_command_closes_its_process_group(tmp_path):
+    """`bpo` closes the process group itself, even on an error: left to interpreter exit, gloo's
+    threads can abort a process whose work is done."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        assert main(["eval", str(tmp_path / "no-run")]) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -120,72 +120,84 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", required=True, help="folder to write into")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the run's own
+    finished = False
     try:
-        if args.command == "demo":
-            from bpo.demo import run_demo
-
-            run_demo(args.out, quick=args.quick, task=args.task)
-        elif args.command == "sft":
-            from bpo.sft import sft
-
-            path, overrides = _split(args.args)
-            _show(sft(load_config(SFTConfig, path, overrides), resume=args.resume))
-        elif args.command == "train":
-            from bpo.online import train
-
-            path, overrides = _split(args.args)
-            _show(train(load_config(TrainConfig, path, overrides), resume=args.resume))
-        elif args.command == "train-rm":
-            from bpo.reward_model import train_reward_model
-
-            path, overrides = _split(args.args)
-            cfg = load_config(RewardModelConfig, path, overrides)
-            print(json.dumps(train_reward_model(cfg, resume=args.resume), indent=2))
-        elif args.command == "train-pm":
-            from bpo.reward_model import train_preference_model
-
-            path, overrides = _split(args.args)
-            cfg = load_config(PreferenceModelConfig, path, overrides)
-            print(json.dumps(train_preference_model(cfg, resume=args.resume), indent=2))
-        elif args.command == "experiment":
-            from bpo.experiments import run_experiment
-
-            path, overrides = _split(args.args)
-            cfg = load_config(ExperimentConfig, path, overrides)
-            rows = run_experiment(cfg, retry_failed=args.retry_failed)
-            print(f"{len(rows)} runs; results in {cfg.output_dir}/RESULTS.md and results.csv")
-        elif args.command in ("study", "bandit"):
-            from bpo.onpolicy.config import StudyConfig, bandit_config
-            from bpo.onpolicy.study import run_study
-
-            if args.command == "study":
-                path, overrides = _split(args.args)
-                cfg = load_config(StudyConfig, path, overrides)
-            else:
-                cfg = bandit_config(args.reward, args.method, args.data, args.bpo, args.out,
-                                    args.overrides)  # fmt: skip
-            print(json.dumps(run_study(cfg), indent=2))
-        elif args.command == "study-report":
-            from bpo.onpolicy.report import write_report
-
-            print(write_report(args.root).read_text(encoding="utf-8"))
-        elif args.command == "annotate":
-            _annotate(args)
-        elif args.command == "export":
-            from bpo.export import export_run
-
-            print(json.dumps(export_run(args.run_dir, args.out), indent=2))
-        else:
-            from bpo.evaluate import evaluate_run
-
-            print(json.dumps(evaluate_run(args.run_dir), indent=2))
+        _dispatch(args)
+        finished = True
     except (ConfigError, FileExistsError, FileNotFoundError, AnnotatorError, DiskFull) as e:
         print(f"bpo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except WaitingForLabels as e:
         print(f"bpo {args.command}: {e}", file=sys.stderr)
         return 3
+    finally:
+        if "torch" in sys.modules:  # `bpo annotate` and `--help` never load torch
+            from bpo.distributed import end_processes
+
+            end_processes(finished)
     return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Run the command `args` names."""
+    if args.command == "demo":
+        from bpo.demo import run_demo
+
+        run_demo(args.out, quick=args.quick, task=args.task)
+    elif args.command == "sft":
+        from bpo.sft import sft
+
+        path, overrides = _split(args.args)
+        _show(sft(load_config(SFTConfig, path, overrides), resume=args.resume))
+    elif args.command == "train":
+        from bpo.online import train
+
+        path, overrides = _split(args.args)
+        _show(train(load_config(TrainConfig, path, overrides), resume=args.resume))
+    elif args.command == "train-rm":
+        from bpo.reward_model import train_reward_model
+
+        path, overrides = _split(args.args)
+        cfg = load_config(RewardModelConfig, path, overrides)
+        print(json.dumps(train_reward_model(cfg, resume=args.resume), indent=2))
+    elif args.command == "train-pm":
+        from bpo.reward_model import train_preference_model
+
+        path, overrides = _split(args.args)
+        cfg = load_config(PreferenceModelConfig, path, overrides)
+        print(json.dumps(train_preference_model(cfg, resume=args.resume), indent=2))
+    elif args.command == "experiment":
+        from bpo.experiments import run_experiment
+
+        path, overrides = _split(args.args)
+        cfg = load_config(ExperimentConfig, path, overrides)
+        rows = run_experiment(cfg, retry_failed=args.retry_failed)
+        print(f"{len(rows)} runs; results in {cfg.output_dir}/RESULTS.md and results.csv")
+    elif args.command in ("study", "bandit"):
+        from bpo.onpolicy.config import StudyConfig, bandit_config
+        from bpo.onpolicy.study import run_study
+
+        if args.command == "study":
+            path, overrides = _split(args.args)
+            cfg = load_config(StudyConfig, path, overrides)
+        else:
+            cfg = bandit_config(args.reward, args.method, args.data, args.bpo, args.out,
+                                args.overrides)  # fmt: skip
+        print(json.dumps(run_study(cfg), indent=2))
+    elif args.command == "study-report":
+        from bpo.onpolicy.report import write_report
+
+        print(write_report(args.root).read_text(encoding="utf-8"))
+    elif args.command == "annotate":
+        _annotate(args)
+    elif args.command == "export":
+        from bpo.export import export_run
+
+        print(json.dumps(export_run(args.run_dir, args.out), indent=2))
+    else:
+        from bpo.evaluate import evaluate_run
+
+        print(json.dumps(evaluate_run(args.run_dir), indent=2))
 
 
 def _annotate(args: argparse.Namespace) -> None:

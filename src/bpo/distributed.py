@@ -13,6 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+import torch.distributed as dist
+
+# torch.distributed.nn binds the default process group into its functions' default arguments
+# when first imported; DDP imports it after the group exists, and those references would keep
+# the group, and gloo's threads, alive past `end_processes`. Imported here, before any group.
+import torch.distributed.nn  # noqa: F401
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -84,3 +90,17 @@ def on_main(fn: Callable[[], T]) -> T:
     box = [fn() if is_main() else None]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def end_processes(finished: bool) -> None:
+    """Close the process group of a multi-process launch while the interpreter is still whole.
+
+    Left open, gloo's worker threads outlive the program and can free the last collective's
+    work while Python shuts down, which aborts a process whose work is done (SIGABRT). A
+    process that `finished` first waits for the others, so none leaves a collective unread.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
