@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from bpo.cli import main
 from bpo.config import to_yaml
 from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
+from bpo.human import LabelQueue
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
 
@@ -56,14 +57,15 @@ def _torchrun(processes: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _bpo(command: str, processes: int, overrides: list[str]) -> None:
+def _bpo(command: str, processes: int, overrides: list[str], ok: bool = True):
     """`bpo COMMAND` in fresh processes: plain Python for 1, torchrun for more."""
     launcher = [sys.executable, "-m", "bpo.cli"] if processes == 1 else _torchrun(processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(
         [*launcher, command, *overrides], env=env, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not ok, done.stderr[-3000:]
+    return done
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -168,6 +170,41 @@ def test_two_processes_resume_where_they_left_off(train_config, tmp_path):
     assert run.annotations.read_text() == whole["annotations"]  # replayed, none asked again
     for name, w in _weights(run.path).items():
         torch.testing.assert_close(w, whole["weights"][name], atol=0, rtol=0, msg=name)
+
+
+def test_people_label_a_two_process_run_as_they_would_label_it_on_one(train_config, tmp_path):
+    """annotator.type=human on 2 processes: both stop for the labels (the main one says why) and
+    resume from them; the questions, the pool and the final policy are those of 1 process."""
+    runs = {}
+    for processes in (1, 2):
+        cfg = train_config(f"p{processes}", "method=bpo", "F=2", "finetune=full",
+                           "annotator.type=human", "annotator.wait=false")  # fmt: skip
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(to_yaml(cfg), encoding="utf-8")
+        queue = LabelQueue(Path(cfg.output_dir) / "human")
+        for attempt in range(3):  # stops before phases 0 and 1, then ends
+            args = [str(config), *["--resume"][:attempt]]
+            if processes == 1:
+                if main(["train", *args]) == 0:
+                    break
+            else:
+                done = _bpo("train", processes, args, ok=False)
+                if done.returncode == 0:
+                    break
+                assert done.stderr.count("pairs wait for labels") == 1, done.stderr[-3000:]
+                assert "gloo threads still running" not in done.stderr
+            labelled = {label.pair for label in queue.labels()}
+            for i, pair in enumerate(queue.pending()):
+                if pair.id not in labelled:
+                    queue.give(pair.id, ("first", "second")[i % 2], "ann", "c" * 8)
+        assert RunDir(cfg.output_dir).summary.exists()
+        runs[processes] = (RunDir(cfg.output_dir), queue)
+    (one, queue_one), (two, queue_two) = runs[1], runs[2]
+    assert queue_two.pending() == queue_one.pending()
+    assert queue_two.labels() != [] and len(queue_two.labels()) == len(queue_one.labels())
+    assert two.pool.read_text() == one.pool.read_text()
+    for name, w in _weights(one.path).items():
+        torch.testing.assert_close(_weights(two.path)[name], w, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def _no_time(record: dict) -> dict:

@@ -127,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError, FileNotFoundError, AnnotatorError, DiskFull) as e:
         print(f"bpo {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except WaitingForLabels as e:
-        print(f"bpo {args.command}: {e}", file=sys.stderr)
+    except WaitingForLabels as e:  # every process stops; the main one says why
+        from bpo.distributed import is_main
+
+        if is_main():
+            print(f"bpo {args.command}: {e}", file=sys.stderr)
         return 3
     finally:
         if "torch" in sys.modules:  # `bpo annotate` and `--help` never load torch

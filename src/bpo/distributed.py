@@ -9,6 +9,8 @@ every function here is the identity, and 2 processes give the result of 1 (DESIG
 
 from __future__ import annotations
 
+import gc
+import pickle
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -83,13 +85,35 @@ def draw_seed(*keys: int) -> int:
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """`fn()` on the main process only; every rank gets its result."""
+    """`fn()` on the main process only; every rank gets its result, or raises what it raised
+    (a stop for labels, an annotator's failure), so no rank is left waiting for the others."""
     _, size = world()
     if size == 1:
         return fn()
-    box = [fn() if is_main() else None]
+    box: list = [None]
+    raised = None
+    if is_main():
+        try:
+            box[0] = (fn(), None)
+        except Exception as e:  # every rank raises it below
+            raised = e
+            box[0] = (None, _portable(e))
     broadcast_object_list(box, from_process=0)
-    return box[0]
+    result, error = box[0]
+    if raised is not None:
+        raise raised
+    if error is not None:
+        raise error
+    return result
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it can be sent to the other ranks, else a RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # whatever does not survive pickling
+        return RuntimeError(f"{type(error).__name__} on the main process: {error}")
+    return error
 
 
 def end_processes(finished: bool) -> None:
@@ -103,4 +127,5 @@ def end_processes(finished: bool) -> None:
         return
     if finished:
         dist.barrier()
+    gc.collect()  # a run stopped by an exception: its frames, and their DDP models, hold the group
     dist.destroy_process_group()

@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -281,26 +281,29 @@ class SampleStore:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def recall(
-        self, seed: int, prompt_ids: Sequence[Sequence[int]], sample: Callable[[], list[list[int]]]
-    ) -> list[list[int]]:
-        """The responses sampled from `seed` for `prompt_ids`: stored ones, else `sample()`'s,
-        stored (atomically) before they are returned."""
-        path = self.folder / f"samples-{seed}.json"
-        prompts = [list(p) for p in prompt_ids]
-        if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored["prompt_ids"] == prompts:
-                return stored["samples"]
-        samples = sample()
+    def stored(self, seed: int, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]] | None:
+        """The responses kept for the draw from `seed` for `prompt_ids`, or None."""
+        path = self._path(seed)
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return stored["samples"] if stored["prompt_ids"] == [list(p) for p in prompt_ids] else None
+
+    def keep(
+        self, seed: int, prompt_ids: Sequence[Sequence[int]], samples: list[list[int]]
+    ) -> None:
+        """Store the draw (atomically, synced) before anyone is asked about it."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(seed)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"prompt_ids": prompts, "samples": samples}, f)
+            json.dump({"prompt_ids": [list(p) for p in prompt_ids], "samples": samples}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return samples
+
+    def _path(self, seed: int) -> Path:
+        return self.folder / f"samples-{seed}.json"
 
 
 def export_pending(queue: LabelQueue, path: str | Path) -> int:

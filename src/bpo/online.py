@@ -47,12 +47,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
     judge = build_annotator(cfg.annotator, task.reward, policy.device, cfg.seed, run_dir=run.path)
     samples = None  # people's questions are kept, to be asked again the same after a resume
     if isinstance(judge, HumanAnnotator):
-        if accelerator.num_processes > 1:
-            raise ConfigError(
-                f"annotator.type: human, with {accelerator.num_processes} processes, whose "
-                "others would wait for the labels past their collective timeout; launch one "
-                "process"
-            )
         samples = SampleStore(run.path / "human")
     scorer = evaluation_judge(cfg, task.reward, policy.device, judge)
     annotator = AnnotationLog(

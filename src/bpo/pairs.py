@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from bpo.annotators import Annotator, RewardAnnotator
 from bpo.config import ConfigError, SamplingConfig
-from bpo.distributed import draw_seed, on_main
+from bpo.distributed import draw_seed, is_main, on_main
 from bpo.human import SampleStore
 from bpo.policy import Policy
 from bpo.pool import PreferencePair
@@ -201,10 +201,10 @@ def _two_samples(
     """y1, y2 ~ π_β(·|x), identical pairs dropped, the rest compared by the annotator."""
     twice = [p for p in prompt_ids for _ in range(2)]
     with stats.timed("sampling"):
-        if store is None:
-            samples = policy.sample(twice, sampling, seed)
-        else:
-            samples = store.recall(seed, twice, lambda: policy.sample(twice, sampling, seed))
+        kept = None if store is None else on_main(lambda: store.stored(seed, twice))
+        samples = kept if kept is not None else policy.sample(twice, sampling, seed)
+        if store is not None and kept is None and is_main():
+            store.keep(seed, twice, samples)
     first, second = samples[0::2], samples[1::2]
     distinct = [j for j in range(len(prompts)) if first[j] != second[j]]
     stats.dropped_identical += len(prompts) - len(distinct)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from bpo.config import ConfigError, SFTConfig, TrainConfig
 from bpo.policy import Policy
@@ -13,6 +15,8 @@ from bpo.rundir import RunDir
 from bpo.tasks import Task, load_task
 
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# While people label a phase, the processes other than the main one wait in a collective
+LABELLING_TIMEOUT = timedelta(days=7)
 
 
 def open_run(
@@ -21,7 +25,12 @@ def open_run(
     """Create the run directory (with the resolved config; the main process writes it), pick
     the device, precision and processes with accelerate, and seed every RNG."""
     AcceleratorState._reset_state()  # this run's precision, not an earlier run's in-process
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
+    people = isinstance(cfg, TrainConfig) and cfg.annotator.type == "human"
+    accelerator = Accelerator(
+        cpu=cfg.device == "cpu",
+        mixed_precision=cfg.precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=LABELLING_TIMEOUT)] if people else None,
+    )
     if accelerator.distributed_type not in SUPPORTED:
         raise ConfigError(
             f"accelerate: {accelerator.distributed_type.value} is not supported; launch with "
