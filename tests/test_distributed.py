@@ -9,6 +9,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 from bpo.cli import main
 from bpo.config import to_yaml
 from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
-from bpo.human import LabelQueue
+from bpo.human import LabelQueue, WaitingForLabels
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
 
@@ -49,6 +51,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def _raise_on_main(rank: int, port: int, out: str) -> None:
+    """One of 2 gloo processes: on_main with a function that raises on the main process, twice;
+    writes what this rank raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
+    from accelerate import PartialState
+
+    from bpo.distributed import end_processes, on_main
+
+    PartialState(cpu=True, timeout=timedelta(seconds=60))  # a rank left waiting fails, not hangs
+    seen = []
+    for error in (WaitingForLabels("8 pairs wait for labels"), _Unpicklable()):
+
+        def fail(error=error):
+            raise error
+
+        try:
+            on_main(fail)
+        except Exception as e:
+            seen.append(f"{type(e).__name__}: {e}")
+    end_processes()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen), encoding="utf-8")
+
+
+def test_what_the_main_process_raises_every_process_raises(tmp_path):
+    """No rank is left waiting on a main process that stopped: each raises the same exception,
+    or, where it cannot be sent, a RuntimeError that names it."""
+    torch.multiprocessing.spawn(_raise_on_main, args=(_free_port(), str(tmp_path)), nprocs=2)
+    main_seen, other_seen = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main_seen == ["WaitingForLabels: 8 pairs wait for labels", "_Unpicklable: holds a lock"]
+    assert other_seen == [
+        "WaitingForLabels: 8 pairs wait for labels",
+        "RuntimeError: _Unpicklable on the main process: holds a lock",
+    ]
+
+
 def _torchrun(processes: int) -> list[str]:
     """torchrun (gloo) of `bpo`, each process checking at its end that no gloo thread is left."""
     return [
@@ -57,7 +101,9 @@ def _torchrun(processes: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _bpo(command: str, processes: int, overrides: list[str], ok: bool = True):
+def _bpo(
+    command: str, processes: int, overrides: list[str], ok: bool = True
+) -> subprocess.CompletedProcess[str]:
     """`bpo COMMAND` in fresh processes: plain Python for 1, torchrun for more."""
     launcher = [sys.executable, "-m", "bpo.cli"] if processes == 1 else _torchrun(processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -174,7 +220,8 @@ def test_two_processes_resume_where_they_left_off(train_config, tmp_path):
 
 def test_people_label_a_two_process_run_as_they_would_label_it_on_one(train_config, tmp_path):
     """annotator.type=human on 2 processes: both stop for the labels (the main one says why) and
-    resume from them; the questions, the pool and the final policy are those of 1 process."""
+    resume from them, or both wait for them; the questions, the pool and the final policy are
+    those of 1 process."""
     runs = {}
     for processes in (1, 2):
         cfg = train_config(f"p{processes}", "method=bpo", "F=2", "finetune=full",
@@ -183,7 +230,7 @@ def test_people_label_a_two_process_run_as_they_would_label_it_on_one(train_conf
         config.write_text(to_yaml(cfg), encoding="utf-8")
         queue = LabelQueue(Path(cfg.output_dir) / "human")
         for attempt in range(3):  # stops before phases 0 and 1, then ends
-            args = [str(config), *["--resume"][:attempt]]
+            args = [str(config), *(["--resume"] if attempt else [])]
             if processes == 1:
                 if main(["train", *args]) == 0:
                     break
@@ -193,18 +240,41 @@ def test_people_label_a_two_process_run_as_they_would_label_it_on_one(train_conf
                     break
                 assert done.stderr.count("pairs wait for labels") == 1, done.stderr[-3000:]
                 assert "gloo threads still running" not in done.stderr
-            labelled = {label.pair for label in queue.labels()}
-            for i, pair in enumerate(queue.pending()):
-                if pair.id not in labelled:
-                    queue.give(pair.id, ("first", "second")[i % 2], "ann", "c" * 8)
+            _label_new_pairs(queue)
         assert RunDir(cfg.output_dir).summary.exists()
         runs[processes] = (RunDir(cfg.output_dir), queue)
-    (one, queue_one), (two, queue_two) = runs[1], runs[2]
-    assert queue_two.pending() == queue_one.pending()
-    assert queue_two.labels() != [] and len(queue_two.labels()) == len(queue_one.labels())
-    assert two.pool.read_text() == one.pool.read_text()
-    for name, w in _weights(one.path).items():
-        torch.testing.assert_close(_weights(two.path)[name], w, atol=1e-5, rtol=1e-4, msg=name)
+    cfg = train_config("waits", "method=bpo", "F=2", "finetune=full", "annotator.type=human")
+    config = tmp_path / "waits.yaml"
+    config.write_text(to_yaml(cfg), encoding="utf-8")
+    queue, stop = LabelQueue(Path(cfg.output_dir) / "human"), threading.Event()
+
+    def label_until_stopped() -> None:
+        while not stop.wait(0.2):
+            _label_new_pairs(queue)
+
+    labeller = threading.Thread(target=label_until_stopped)
+    labeller.start()
+    try:
+        _bpo("train", 2, [str(config)])  # waits at each phase until the labeller has answered
+    finally:
+        stop.set()
+        labeller.join()
+    runs["waits"] = (RunDir(cfg.output_dir), queue)
+    one, queue_one = runs[1]
+    for two, queue_two in (runs[2], runs["waits"]):
+        assert queue_two.pending() == queue_one.pending()
+        assert queue_two.labels() != [] and len(queue_two.labels()) == len(queue_one.labels())
+        assert two.pool.read_text() == one.pool.read_text()
+        for name, w in _weights(one.path).items():
+            torch.testing.assert_close(_weights(two.path)[name], w, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _label_new_pairs(queue: LabelQueue) -> None:
+    """Answer every pair not labelled yet: `first` for the pairs asked at even places."""
+    labelled = {label.pair for label in queue.labels()}
+    for i, pair in enumerate(queue.pending()):
+        if pair.id not in labelled:
+            queue.give(pair.id, ("first", "second")[i % 2], "ann", "c" * 8)
 
 
 def _no_time(record: dict) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from transformers.utils import logging as hf_logging
 
@@ -120,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", required=True, help="folder to write into")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the run's own
-    finished = False
     try:
         _dispatch(args)
-        finished = True
     except (ConfigError, FileExistsError, FileNotFoundError, AnnotatorError, DiskFull) as e:
         print(f"bpo {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -133,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_main():
             print(f"bpo {args.command}: {e}", file=sys.stderr)
         return 3
+    except BaseException as e:  # its frames would keep the run's models, and their process group
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if "torch" in sys.modules:  # `bpo annotate` and `--help` never load torch
             from bpo.distributed import end_processes
 
-            end_processes(finished)
+            end_processes()
     return 0
 
 

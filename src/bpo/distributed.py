@@ -90,7 +90,7 @@ def on_main(fn: Callable[[], T]) -> T:
     _, size = world()
     if size == 1:
         return fn()
-    box: list = [None]
+    box: list[tuple[T | None, Exception | None] | None] = [None]
     raised = None
     if is_main():
         try:
@@ -116,16 +116,15 @@ def _portable(error: Exception) -> Exception:
     return error
 
 
-def end_processes(finished: bool) -> None:
+def end_processes() -> None:
     """Close the process group of a multi-process launch while the interpreter is still whole.
 
     Left open, gloo's worker threads outlive the program and can free the last collective's
-    work while Python shuts down, which aborts a process whose work is done (SIGABRT). A
-    process that `finished` first waits for the others, so none leaves a collective unread.
+    work while Python shuts down, which aborts a process whose work is done (SIGABRT). Every
+    collective has returned on this rank, so nothing is left in flight.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if finished:
-        dist.barrier()
     gc.collect()  # a run stopped by an exception: its frames, and their DDP models, hold the group
     dist.destroy_process_group()
+    PartialState._reset_state()  # it would still report the closed group's processes
