@@ -312,3 +312,14 @@ def test_a_resumed_run_asks_about_the_responses_it_sampled_before(train_config, 
     assert len(queue.pending()) > len(asked)
     pool = [json.loads(line) for line in open(f"{cfg.output_dir}/pool.jsonl")]
     assert {r["prompt"] for r in pool} <= {p.prompt for p in asked} and len(pool) == 8
+
+
+def test_the_processes_of_a_human_run_wait_days_for_the_labels(train_config):
+    """The ranks other than the main one wait in a collective while people label: a human run
+    asks for the labelling timeout and nothing else (no backend on a CPU run)."""
+    from bpo.start import LABELLING_TIMEOUT, open_run
+
+    _, people = open_run(train_config("people", "method=bpo", "F=2", "annotator.type=human"))
+    assert people.init_handler.to_kwargs() == {"timeout": LABELLING_TIMEOUT}
+    _, model = open_run(train_config("model", "method=bpo", "F=2"))
+    assert model.init_handler is None
