@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from safetensors.torch import load_file
 
 from bpo.cli import main
 from bpo.config import to_yaml
-from bpo.distributed import bounds, chunked_map, draw_seed, shard_map
+from bpo.distributed import bounds, chunked_map, draw_seed, end_processes, on_main, shard_map
 from bpo.human import LabelQueue, WaitingForLabels
 from bpo.pool import PreferencePool
 from bpo.rundir import RunDir
@@ -62,10 +63,6 @@ def _raise_on_main(rank: int, port: int, out: str) -> None:
     writes what this rank raised."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")  # fmt: skip
-    from accelerate import PartialState
-
-    from bpo.distributed import end_processes, on_main
-
     PartialState(cpu=True, timeout=timedelta(seconds=60))  # a rank left waiting fails, not hangs
     seen = []
     for error in (WaitingForLabels("8 pairs wait for labels"), _Unpicklable()):
@@ -181,10 +178,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(train_config,
     cfg = train_config("odd", "method=on_policy_bpo", "T=1", "B=3")
     config = tmp_path / "odd.yaml"
     config.write_text(to_yaml(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [*_torchrun(2), "train", str(config)], env=env, capture_output=True, text=True, timeout=600
-    )
+    done = _bpo("train", 2, [str(config)], ok=False)
     assert done.returncode != 0 and "gloo threads still running" not in done.stderr
     assert "B: 3 pairs per step do not split over 2 processes; make B a multiple" in done.stderr
 
